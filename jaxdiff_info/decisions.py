@@ -1,0 +1,151 @@
+"""Decision problems: questions about the class, as groups of classes.
+
+A problem Z is a list of groups G_1..G_m of class indices. Classes in no group are left out
+and the rest renormalised:
+
+    P(z = j | x_t) = sum_{k in G_j} P(k | x_t) / sum_{k in any group} P(k | x_t)
+
+"All classes, one group each" is the plain class label Y.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LOG2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecisionProblem:
+    """A named question about the class: groups of class indices (disjoint, at least two)."""
+
+    name: str
+    groups: tuple[tuple[int, ...], ...]
+
+    @property
+    def classes(self) -> tuple[int, ...]:
+        """The classes the problem is about, sorted."""
+        return tuple(sorted(k for g in self.groups for k in g))
+
+
+def make_problem(name: str, groups: Sequence[Sequence[int]], num_classes: int) -> DecisionProblem:
+    """Validated decision problem over classes 0..num_classes-1."""
+    if not isinstance(groups, (list, tuple)) or len(groups) < 2:
+        raise ValueError(f"decision problem {name!r} needs at least two groups of classes")
+    seen: set[int] = set()
+    clean = []
+    for group in groups:
+        if not isinstance(group, (list, tuple)) or len(group) == 0:
+            raise ValueError(f"decision problem {name!r}: every group must be a non-empty list of class indices")
+        for k in group:
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+                raise ValueError(f"decision problem {name!r}: class index {k!r} is not an integer")
+            if not 0 <= k < num_classes:
+                raise ValueError(
+                    f"decision problem {name!r} names class {k}, but the classes are 0..{num_classes - 1}"
+                )
+            if k in seen:
+                raise ValueError(f"decision problem {name!r} puts class {k} in two groups")
+            seen.add(int(k))
+        clean.append(tuple(int(k) for k in group))
+    return DecisionProblem(str(name), tuple(clean))
+
+
+def class_label(num_classes: int, name: str = "all classes") -> DecisionProblem:
+    """Y itself: every class its own group."""
+    return make_problem(name, [[k] for k in range(num_classes)], num_classes)
+
+
+def one_vs_rest(k: int, num_classes: int, name: str | None = None) -> DecisionProblem:
+    """Class k against all the others."""
+    rest = [j for j in range(num_classes) if j != k]
+    return make_problem(name or f"{k} vs rest", [[k], rest], num_classes)
+
+
+def make_problems(spec: Mapping[str, Sequence[Sequence[int]]], num_classes: int) -> tuple[DecisionProblem, ...]:
+    """Problems from {name: groups}; names must be unique and non-empty."""
+    problems = []
+    for name, groups in spec.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError("decision problem names must be non-empty strings")
+        problems.append(make_problem(name, groups, num_classes))
+    if not problems:
+        raise ValueError("give at least one decision problem")
+    return tuple(problems)
+
+
+# --- arrays for the compiled loop ---------------------------------------------------------
+
+def membership(problems: Sequence[DecisionProblem], num_classes: int) -> np.ndarray:
+    """(P, G, K) bool: membership[p, j, k] = class k is in group j of problem p
+    (G = the largest number of groups; missing groups are empty)."""
+    num_groups = max(len(p.groups) for p in problems)
+    m = np.zeros((len(problems), num_groups, num_classes), dtype=bool)
+    for i, problem in enumerate(problems):
+        for j, group in enumerate(problem.groups):
+            m[i, j, list(group)] = True
+    return m
+
+
+def class_weights(problems: Sequence[DecisionProblem], weights: np.ndarray) -> np.ndarray:
+    """(P, K) the weight of class k in problem p: pi_k / sum_{j in problem} pi_j, 0 if left out.
+    x_t of a problem is drawn from the mixture of its included classes only."""
+    weights = np.asarray(weights, np.float64)
+    out = np.zeros((len(problems), weights.shape[0]))
+    for i, problem in enumerate(problems):
+        idx = list(problem.classes)
+        total = weights[idx].sum()
+        if not total > 0:
+            raise ValueError(f"decision problem {problem.name!r} includes only classes of weight zero")
+        out[i, idx] = weights[idx] / total
+    return out
+
+
+def prior_entropy_bits(problems: Sequence[DecisionProblem], weights: np.ndarray) -> np.ndarray:
+    """(P,) H(Z) in bits, the entropy of the renormalised group weights."""
+    w = class_weights(problems, weights)
+    m = membership(problems, w.shape[1])
+    pz = np.einsum("pgk,pk->pg", m, w)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.sum(np.where(pz > 0, pz * np.log2(pz), 0.0), axis=1)
+
+
+# --- per-example math ---------------------------------------------------------------------
+
+def entropy_bits(log_p: jax.Array, axis: int = -1) -> jax.Array:
+    """-sum p log2 p from log-probabilities; entries of probability 0 contribute 0."""
+    p = jnp.exp(log_p)
+    terms = jnp.where(p > 0, p * log_p, 0.0)
+    return -jnp.sum(terms, axis=axis) / LOG2
+
+
+def group_log_posterior(log_posterior: jax.Array, membership: jax.Array) -> jax.Array:
+    """(P, G) log P(z = j | x_t) for every problem, from (K,) log P(k | x_t) and (P, G, K)
+    membership; empty groups get -inf."""
+    masked = jnp.where(membership, log_posterior, -jnp.inf)
+    log_group = jax.nn.logsumexp(masked, axis=-1)
+    return log_group - jax.nn.logsumexp(log_group, axis=-1, keepdims=True)
+
+
+def problem_entropy_bits(log_posterior: jax.Array, membership: jax.Array) -> jax.Array:
+    """(P,) h(P(z | x_t)) in bits for every problem, from (K,) log P(k | x_t).
+
+    Same value as entropy_bits(group_log_posterior(...)), with P*K exponentials instead of
+    P*G*K: within each problem the class probabilities are rescaled by the largest included
+    one, e_k = exp(log P(k | x_t) - max_{j in problem} log P(j | x_t)) in [0, 1], so the group
+    masses q_j = sum_{k in G_j} e_k have a total Z >= 1 and nothing underflows:
+    h = log Z - sum_j q_j log q_j / Z.
+    """
+    included = membership.any(axis=1)  # (P, K)
+    shift = jnp.max(jnp.where(included, log_posterior, -jnp.inf), axis=-1, keepdims=True)
+    e = jnp.where(included, jnp.exp(log_posterior - shift), 0.0)  # (P, K)
+    q = jnp.sum(jnp.where(membership, e[:, None, :], 0.0), axis=-1)  # (P, G)
+    z = jnp.sum(q, axis=-1)
+    q_log_q = jnp.where(q > 0, q * jnp.log(jnp.where(q > 0, q, 1.0)), 0.0)
+    return (jnp.log(z) - jnp.sum(q_log_q, axis=-1) / z) / LOG2

@@ -1,0 +1,138 @@
+"""The online Bayesian classifier: P(k | x_t) tracked along generated reverse trajectories.
+
+class -> x_0 -> x_1 -> ... -> x_T is a Markov chain, so P(k | x_t, ..., x_T) = P(k | x_t) and
+Bayes' rule over one reverse step gives, in log space,
+
+    log w_k(t-1) = log w_k(t) + log N(x_{t-1}; mu(x_t, k), sigma_t^2 I),   log w_k(T) = log pi_k
+    P(k | x_{t-1}) = softmax_k(log w_k(t-1)).
+
+sigma_t is the std of the step that really produced x_{t-1}; the last step (t = 1) is
+noiseless and carries no update. The model enters only as a per-example eps-predictor
+eps(params, x_t, t, k) with k in 0..K-1 the classes and k = K the null class (unconditional).
+
+Sampling, tracking and per-step statistics run in one `lax.scan`; `observe` is a pure
+function of (t, x_t, log P(k | x_t)) for the whole batch whose outputs are stacked over steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff_info.schedule import Sampler, Schedule, reverse_mean, reverse_std
+
+EpsFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+Observe = Callable[[jax.Array, jax.Array, jax.Array], Any]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrackState:
+    """x: (N, *shape) current x_t; log_posterior: (N, K) log P(k | x_t); key: noise key."""
+
+    x: jax.Array
+    log_posterior: jax.Array
+    key: jax.Array
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Tracker:
+    """A reverse sampler with the online classifier riding along.
+
+    eps_fn:      per-example eps(params, x_t, t, k), k = num_classes is the null class
+    schedule:    the sampling schedule (respaced or not); eps gets schedule.timesteps
+    sampler:     the reverse step taken (and so the kernel the classifier uses)
+    num_classes: K
+    guidance:    classifier-free guidance weight w: every class kernel uses
+                 eps_k + w (eps_k - eps_null); 0 = plain class-conditional kernels
+    """
+
+    eps_fn: EpsFn
+    schedule: Schedule
+    sampler: Sampler
+    num_classes: int
+    guidance: float = 0.0
+
+    def __post_init__(self):
+        if not self.sampler.stochastic:
+            raise ValueError(
+                "the online classifier needs a stochastic sampler (DDPM, or DDIM with eta > 0): "
+                "a deterministic step carries no likelihood to update on"
+            )
+
+    def needs_null(self, classes: np.ndarray | None = None) -> bool:
+        return self.guidance != 0.0 or (classes is not None and bool(np.any(np.asarray(classes) >= self.num_classes)))
+
+    # --- one trajectory, one step ------------------------------------------------------
+
+    def step_one(self, params, t, x, log_w, c, z, with_null: bool):
+        """One reverse step of one trajectory generated with class c (c = K: unconditional).
+
+        x: (*shape), log_w: (K,) normalised log-posterior at x_t, z: (*shape) N(0, I) noise.
+        Returns x_{t-1} and log P(k | x_{t-1}).
+        """
+        K = self.num_classes
+        s = self.schedule
+        ks = jnp.arange(K + 1 if with_null else K)
+        eps = jax.vmap(self.eps_fn, (None, None, None, 0))(params, x, s.timesteps[t - 1], ks)
+        eps_class = eps[:K]
+        if with_null:
+            eps_null = eps[K]
+            eps_class = eps_class + self.guidance * (eps_class - eps_null)
+            eps_all = jnp.concatenate([eps_class, eps_null[None]])
+        else:
+            eps_all = eps_class
+        means = jax.vmap(reverse_mean, (None, None, None, 0, None))(s, t, x, eps_all, self.sampler)
+        sigma = reverse_std(s, t, self.sampler)
+        x_prev = means[c] + sigma * z
+        # log N(x_{t-1}; mu(x_t, k), sigma^2 I) up to a term common to all k
+        sq = jnp.sum(((x_prev - means[:K]) ** 2).reshape(K, -1), axis=-1)
+        update = t > 1
+        var = jnp.where(update, sigma**2, 1.0)
+        log_w_prev = jax.nn.log_softmax(log_w - 0.5 * sq / var)
+        return x_prev, jnp.where(update, log_w_prev, log_w)
+
+    # --- the batch, a run of steps -----------------------------------------------------
+
+    def init(self, key: jax.Array, num: int, shape: tuple[int, ...], log_prior: jax.Array) -> TrackState:
+        """x_T ~ N(0, I) for `num` trajectories, log P(k | x_T) = log pi_k."""
+        key_x, key_run = jax.random.split(key)
+        x = jax.random.normal(key_x, (num, *shape))
+        log_post = jnp.broadcast_to(jax.nn.log_softmax(log_prior), (num, log_prior.shape[0]))
+        return TrackState(x, log_post, key_run)
+
+    def run(self, params, state: TrackState, classes: jax.Array, ts: jax.Array, observe: Observe | None = None,
+            with_null: bool = False):
+        """Steps t in `ts` (decreasing; t = 0 entries are no-ops used for padding).
+
+        classes: (N,) generating class of every trajectory (K = unconditional).
+        Returns the new state and observe(t, x_t, log P(k | x_t)) stacked over ts (taken
+        at x_t, before the step from t).
+        """
+        step = jax.vmap(self.step_one, (None, None, 0, 0, 0, 0, None))
+
+        def body(state: TrackState, t):
+            out = observe(t, state.x, state.log_posterior) if observe is not None else None
+            z = jax.random.normal(jax.random.fold_in(state.key, t), state.x.shape)
+            x, log_w = step(params, jnp.maximum(t, 1), state.x, state.log_posterior, classes, z, with_null)
+            valid = t > 0
+            new = TrackState(
+                jnp.where(valid, x, state.x), jnp.where(valid, log_w, state.log_posterior), state.key
+            )
+            return new, out
+
+        return jax.lax.scan(body, state, ts)
+
+
+def step_chunks(num_steps: int, chunk: int | None) -> Iterator[np.ndarray]:
+    """The steps T..1 in chunks of `chunk` (the last padded with no-op zeros, so every chunk
+    has the same length and compiles once)."""
+    ts = np.arange(num_steps, 0, -1, dtype=np.int32)
+    chunk = num_steps if chunk is None else max(1, min(chunk, num_steps))
+    for start in range(0, num_steps, chunk):
+        part = ts[start : start + chunk]
+        yield np.pad(part, (0, chunk - part.shape[0]))
