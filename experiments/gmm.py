@@ -84,17 +84,8 @@ def build_problem(spec: dict):
     if "means" not in spec:
         raise ValueError("spec needs 'means': a list of component means (numbers for 1-D, lists for d-D)")
 
-    def numbers(key, value):
-        try:
-            return np.asarray(value, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ValueError(f"spec '{key}' must be numbers of one consistent shape") from None
-
-    means = numbers("means", spec["means"])
-    k = means.shape[0] if means.ndim >= 1 else 0
-    stds = numbers("stds", spec.get("stds", [0.0] * k))
-    weights = numbers("weights", spec.get("weights", [1.0] * k))
-    mix = mixture.make_mixture(means, stds, weights)
+    mix = mixture.make_mixture(spec["means"], spec.get("stds"), spec.get("weights"))
+    k = mix.num_components
     groups = spec.get("decisions")
     if groups is None:
         problems = [decisions.class_label(k)] + ([decisions.one_vs_rest(j, k) for j in range(k)] if k > 2 else [])

@@ -45,16 +45,24 @@ class GaussianMixture:
         return jnp.exp(self.log_weights)
 
 
-def make_mixture(means, stds, weights=None) -> GaussianMixture:
-    """Validated mixture. means: (K,) or (K, d); stds: (K,); weights: (K,) >= 0, any scale."""
-    means = np.asarray(means, dtype=np.float64)
+def _numbers(name: str, value) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be numbers, in lists of one consistent shape") from None
+
+
+def make_mixture(means, stds=None, weights=None) -> GaussianMixture:
+    """Validated mixture. means: (K,) or (K, d); stds: (K,) >= 0 (default 0: points);
+    weights: (K,) >= 0, any scale (default equal)."""
+    means = _numbers("means", means)
     if means.ndim == 1:
         means = means[:, None]
     if means.ndim != 2 or means.shape[0] < 1 or means.shape[1] < 1:
         raise ValueError(f"means must be a non-empty list of points (K,) or (K, d), got shape {means.shape}")
     k = means.shape[0]
-    stds = np.asarray(stds, dtype=np.float64)
-    weights = np.ones(k) if weights is None else np.asarray(weights, dtype=np.float64)
+    stds = np.zeros(k) if stds is None else _numbers("stds", stds)
+    weights = np.ones(k) if weights is None else _numbers("weights", weights)
     if stds.shape != (k,):
         raise ValueError(f"stds must have one entry per component ({k}), got shape {stds.shape}")
     if weights.shape != (k,):

@@ -1,0 +1,185 @@
+"""The three estimators of H(Z | X_t) against exact answers and against each other."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff_info import curves as C
+from jaxdiff_info import decisions as D
+from jaxdiff_info import estimators as E
+from jaxdiff_info import mixture as M
+from jaxdiff_info import schedule as S
+from jaxdiff_info.tracking import Tracker
+
+SCHEDULE = S.linear_schedule(1000)
+TIME = np.asarray(SCHEDULE.time)
+
+# method.md, "The paper's default problem, as computed by quadrature"
+PAPER = M.make_mixture([-8.0, -4.0, 6.0, 8.0])
+PAPER_PROBLEMS = [
+    (D.class_label(4), 0.573, 2.0),
+    (D.make_problem("{-8,-4} vs {6,8}", [[0, 1], [2, 3]], 4), 0.590, 1.0),
+    (D.make_problem("-8 vs -4", [[0], [1]], 4), 0.357, 1.0),
+    (D.make_problem("6 vs 8", [[2], [3]], 4), 0.199, 1.0),
+    (D.one_vs_rest(1, 4), 0.473, 0.811),
+    (D.one_vs_rest(2, 4), 0.199, 0.811),
+    (D.one_vs_rest(3, 4), 0.199, 0.811),
+    (D.one_vs_rest(0, 4), 0.609, 0.811),
+]
+
+
+def exact_curves(mix, problems, schedule=SCHEDULE, **kw):
+    m = D.membership(problems, mix.num_components)
+    w = D.class_weights(problems, np.asarray(mix.weights, np.float64))
+    return C.curves_from_profiles(np.asarray(schedule.time), E.quadrature_class_entropy(mix, schedule, m, **kw), w)
+
+
+def mc_curves(block_sums, blocks, mix, problems, bandwidth=0.02):
+    w = D.class_weights(problems, np.asarray(mix.weights, np.float64))
+    return C.curves_from_blocks(jax.random.key(99), TIME, jnp.asarray(block_sums), blocks.counts, w, bandwidth, 100)
+
+
+def online(mix, problems, per_class, key, variance="small", schedule=SCHEDULE, **kw):
+    m = D.membership(problems, mix.num_components)
+    blocks = E.make_blocks(mix.num_components, per_class)
+    tracker = Tracker(M.eps_fn(schedule), schedule, S.Sampler("ddpm", variance), mix.num_components)
+    run = E.online_block_sums(tracker, mix, mix.log_weights, (mix.dim,), m, blocks, key, **kw)
+    return run, blocks
+
+
+@pytest.fixture(scope="module")
+def paper_exact():
+    return exact_curves(PAPER, [p for p, _, _ in PAPER_PROBLEMS])
+
+
+def test_paper_peak_times_and_prior_entropies(paper_exact):
+    problems = [p for p, _, _ in PAPER_PROBLEMS]
+    for i, (problem, peak, prior) in enumerate(PAPER_PROBLEMS):
+        assert float(paper_exact.peak_time[i]) == pytest.approx(peak, abs=0.0021), problem.name
+        assert D.prior_entropy_bits([problem], np.ones(4))[0] == pytest.approx(prior, abs=1e-3)
+        # at t = T the noise hides (almost) everything: H(Z | X_T) = H(Z)
+        assert paper_exact.entropy_bits[-1, i] == pytest.approx(prior, abs=2e-3)
+        # at t = 1 the points are far apart: nothing is left to decide
+        assert paper_exact.entropy_bits[0, i] < 1e-6
+    # "-8 vs rest" has two bumps
+    peaks = C.local_peaks(TIME, paper_exact.entropy_rate[:, problems.index(PAPER_PROBLEMS[7][0])])
+    assert len(peaks) == 2 and sorted(peaks)[0] == pytest.approx(0.36, abs=0.02)
+    # coarse decisions come first in generation (later in t), fine ones last
+    assert paper_exact.peak_time[1] > paper_exact.peak_time[2] > paper_exact.peak_time[3]
+
+
+def test_quadrature_is_converged():
+    mix = M.make_mixture([-3.0, 0.0, 0.1, 4.0], [0.5, 1.5, 0.0, 0.2], [0.2, 0.4, 0.1, 0.3])
+    problems = [D.class_label(4), D.make_problem("1v2", [[1], [2]], 4)]
+    coarse = exact_curves(mix, problems, num_nodes=1001)
+    fine = exact_curves(mix, problems, num_nodes=6001)
+    assert np.abs(coarse.entropy_bits - fine.entropy_bits).max() < 2e-4
+
+
+@pytest.mark.parametrize("std", [0.0, 0.7])
+def test_quadrature_matches_two_class_closed_form(std):
+    mix = M.make_mixture([-1.5, 1.5], [std, std])
+    exact = exact_curves(mix, [D.class_label(2)])
+    closed = E.symmetric_two_class_entropy_bits(SCHEDULE.alpha_bar, 1.5, std)
+    np.testing.assert_allclose(exact.entropy_bits[:, 0], closed, atol=2e-4)
+
+
+def test_monte_carlo_estimators_match_closed_form_in_d_dimensions():
+    """Two classes at +-m in d = 5, common std: method.md's Gauss-Hermite closed form."""
+    m = np.array([0.8, -0.4, 0.0, 0.6, 0.2])
+    mix = M.make_mixture([m, -m], [0.5, 0.5])
+    problems = [D.class_label(2)]
+    closed = np.asarray(E.symmetric_two_class_entropy_bits(SCHEDULE.alpha_bar, float(np.linalg.norm(m)), 0.5))
+    blocks = E.make_blocks(2, 2000)
+    fmc = mc_curves(E.forward_mc_block_sums(mix, SCHEDULE, D.membership(problems, 2), blocks, jax.random.key(0)),
+                    blocks, mix, problems)
+    run, blocks = online(mix, problems, 2000, jax.random.key(1))
+    onl = mc_curves(run.block_sums, blocks, mix, problems)
+    assert np.abs(fmc.entropy_bits[:, 0] - closed).max() < 0.03
+    assert np.abs(onl.entropy_bits[:, 0] - closed).max() < 0.03
+    assert onl.entropy_bits[-1, 0] == pytest.approx(1.0)  # log w(T) = log pi
+
+
+@pytest.fixture(scope="module")
+def unequal():
+    """A 1-D mixture with unequal weights and non-zero stds, all three estimators."""
+    mix = M.make_mixture([-3.0, 0.0, 4.0], [0.5, 1.0, 0.2], [0.2, 0.5, 0.3])
+    problems = [D.class_label(3), D.make_problem("0 vs 2", [[0], [2]], 3), D.one_vs_rest(1, 3)]
+    exact = exact_curves(mix, problems)
+    blocks = E.make_blocks(3, 2000)
+    fmc = mc_curves(E.forward_mc_block_sums(mix, SCHEDULE, D.membership(problems, 3), blocks, jax.random.key(0)),
+                    blocks, mix, problems)
+    run, blocks = online(mix, problems, 2000, jax.random.key(1))
+    return mix, problems, exact, fmc, mc_curves(run.block_sums, blocks, mix, problems), run, blocks
+
+
+def test_three_estimators_agree(unequal):
+    mix, problems, exact, fmc, onl, _, _ = unequal
+    for est in (fmc, onl):
+        assert np.abs(est.entropy_bits - exact.entropy_bits).max() < 0.03
+        assert np.abs(est.entropy_rate - exact.entropy_rate).max() < 0.3  # rates peak at ~3.5 bits
+        np.testing.assert_allclose(est.peak_time, exact.peak_time, atol=0.05)
+        # per-class profiles agree too
+        assert np.abs(est.class_entropy_bits - exact.class_entropy_bits).max() < 0.05
+        # bootstrap bands: ordered, and mostly covering the exact curve
+        lo, hi = est.entropy_bits_ci95
+        assert np.all(lo <= hi + 1e-7)
+        assert np.mean((lo - 0.01 <= exact.entropy_bits) & (exact.entropy_bits <= hi + 0.01)) > 0.9
+        assert np.all(est.peak_time_ci95[0] <= est.peak_time + 1e-6)
+        assert np.all(est.peak_time <= est.peak_time_ci95[1] + 1e-6)
+    assert np.all(np.isfinite(onl.entropy_rate)) and np.all(np.isfinite(fmc.entropy_rate))
+
+
+def test_online_generates_the_data_distribution(unequal):
+    mix, _, _, _, _, run, blocks = unequal
+    x0 = run.x_0[:, 0]
+    for k in range(3):
+        sel = x0[blocks.classes == k]
+        assert sel.mean() == pytest.approx(float(mix.means[k, 0]), abs=0.05)
+        assert sel.std() == pytest.approx(float(mix.stds[k]), abs=0.05)
+
+
+def test_online_with_large_variance_agrees_on_points():
+    problems = [D.class_label(4), D.make_problem("6 vs 8", [[2], [3]], 4)]
+    exact = exact_curves(PAPER, problems)
+    run, blocks = online(PAPER, problems, 1000, jax.random.key(5), variance="large")
+    onl = mc_curves(run.block_sums, blocks, PAPER, problems)
+    assert np.abs(onl.entropy_bits - exact.entropy_bits).max() < 0.04
+
+
+def test_permuting_components_permutes_nothing_else():
+    mix = M.make_mixture([-3.0, 0.0, 4.0], [0.5, 1.0, 0.2], [0.2, 0.5, 0.3])
+    order = [2, 0, 1]  # new component j is old component order[j]
+    new_index = {old: new for new, old in enumerate(order)}
+    problems = [D.class_label(3), D.make_problem("0 vs 2", [[0], [2]], 3), D.one_vs_rest(1, 3)]
+    moved = [D.make_problem(p.name, [[new_index[k] for k in g] for g in p.groups], 3) for p in problems]
+    a = exact_curves(mix, problems)
+    b = exact_curves(M.permute(mix, order), moved)
+    np.testing.assert_allclose(a.entropy_bits, b.entropy_bits, atol=2e-5)
+    np.testing.assert_allclose(a.class_entropy_bits[:, order], b.class_entropy_bits, atol=2e-5)
+
+
+def test_extreme_valid_inputs_give_finite_correct_curves():
+    mix = M.make_mixture([-1e3, 0.0, 1e3], [0.0, 0.0, 0.0], [1e-6, 0.5, 0.5])
+    problems = [D.class_label(3), D.make_problem("-1e3 vs 1e3", [[0], [2]], 3)]
+    exact = exact_curves(mix, problems)
+    run, blocks = online(mix, problems, 64, jax.random.key(0))
+    fmc_sums = E.forward_mc_block_sums(mix, SCHEDULE, D.membership(problems, 3), blocks, jax.random.key(1))
+    for c in (exact, mc_curves(run.block_sums, blocks, mix, problems), mc_curves(fmc_sums, blocks, mix, problems)):
+        assert np.all(np.isfinite(c.entropy_bits)) and np.all(np.isfinite(c.entropy_rate))
+        assert np.all(c.entropy_bits >= -1e-6)
+        assert np.all(c.entropy_bits[:, 0] <= math.log2(3) + 1e-5)
+        assert c.entropy_bits[0].max() < 1e-4  # separated points: decided by t = 1
+    # the online trajectories end on their points, even the rare one
+    for k in range(3):
+        np.testing.assert_allclose(run.x_0[blocks.classes == k, 0], float(mix.means[k, 0]), atol=1e-2)
+
+
+def test_bad_sample_counts():
+    with pytest.raises(ValueError, match="integer >= 1"):
+        E.make_blocks(3, 0)
+    with pytest.raises(ValueError, match="1-D"):
+        E.quadrature_class_entropy(M.make_mixture([[0, 0], [1, 1]]), SCHEDULE, D.membership([D.class_label(2)], 2))
