@@ -1,0 +1,129 @@
+"""`python -m experiments.gmm` as a user meets it: outputs, schema, and bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import gmm
+
+FAST = ["--steps", "100", "--num-samples", "64", "--bootstrap", "20", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gmm") / "results"
+    assert gmm.main(FAST + ["--out", str(out)]) == 0
+    return out
+
+
+def test_writes_every_output_with_the_documented_schema(default_run):
+    for name in gmm.OUTPUTS:
+        assert (default_run / name).stat().st_size > 0, name
+    summary = json.loads((default_run / "summary.json").read_text())
+    names = [p["name"] for p in summary["problems"]]
+    assert names == list(gmm.PAPER_SPEC["decisions"])
+    for p in summary["problems"]:
+        assert p["groups"] == gmm.PAPER_SPEC["decisions"][p["name"]]
+        assert len(p["time"]) == 100 and p["time"][0] == pytest.approx(0.01) and p["time"][-1] == pytest.approx(1.0)
+        for field in ("entropy_bits", "entropy_rate", "peak_time"):
+            assert set(p[field]) == {"exact", "forward_mc", "online"}
+        for est in ("exact", "forward_mc", "online"):
+            assert len(p["entropy_bits"][est]) == 100 and np.all(np.isfinite(p["entropy_rate"][est]))
+            assert 0 < p["peak_time"][est] <= 1
+        for est in ("forward_mc", "online"):
+            lo, hi = p["peak_time_ci95"][est]
+            assert lo <= hi
+            assert np.shape(p["entropy_bits_ci95"][est]) == (2, 100)
+        assert p["entropy_bits"]["online"][-1] == pytest.approx(p["prior_entropy_bits"], abs=1e-5)
+    arrays = np.load(default_run / "curves.npz")
+    assert arrays["online/entropy_bits"].shape == (100, 8)
+    assert arrays["online/class_entropy_bits"].shape == (100, 4, 8)
+    assert arrays["mean_posterior"].shape == (100, 4, 4)
+    np.testing.assert_allclose(arrays["mean_posterior"].sum(-1), 1.0, atol=1e-5)
+
+
+def test_refuses_to_overwrite(default_run, capsys):
+    before = (default_run / "summary.json").read_bytes()
+    assert gmm.main(FAST + ["--out", str(default_run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already holds results" in err and "--overwrite" in err and "\n" not in err
+    assert (default_run / "summary.json").read_bytes() == before
+
+
+def test_d_dimensional_spec_skips_quadrature(tmp_path):
+    spec = {"means": [[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 2.0, 0.0]], "stds": [0.3, 0.3, 0.0],
+            "weights": [1, 1, 2], "decisions": {"y": [[0], [1], [2]], "0 vs 1": [[0], [1]]}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    assert gmm.main(FAST + ["--spec", str(tmp_path / "spec.json"), "--out", str(tmp_path / "o")]) == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["estimators"] == ["forward_mc", "online"]
+    assert [p["name"] for p in summary["problems"]] == ["y", "0 vs 1"]
+    assert summary["problems"][0]["prior_entropy_bits"] == pytest.approx(1.5)
+
+
+def test_spec_without_decisions_gets_label_and_one_vs_rest(tmp_path):
+    (tmp_path / "spec.json").write_text(json.dumps({"means": [-2, 0, 3], "stds": [0.5, 0, 0]}))
+    assert gmm.main(FAST + ["--spec", str(tmp_path / "spec.json"), "--out", str(tmp_path / "o")]) == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert [p["name"] for p in summary["problems"]] == ["all classes", "0 vs rest", "1 vs rest", "2 vs rest"]
+
+
+BAD_SPECS = [
+    ({"means": [0, 1], "stds": [0, -1]}, "stds must be finite numbers >= 0"),
+    ({"means": [0, 1], "stds": [0, 0], "weights": [-1, 2]}, "weights must be finite numbers >= 0"),
+    ({"means": [0, 1], "stds": [0, 0], "weights": [0, 0]}, "weights must not all be zero"),
+    ({"means": [0, 1, 2], "stds": [0, 0]}, "stds must have one entry per component"),
+    ({"means": [[0, 1], [1, 2, 3]]}, "means must be numbers"),
+    ({"means": [0, 1], "decisions": {"p": [[0], [2]]}}, "names class 2, but the classes are 0..1"),
+    ({"means": [0, 1, 2], "decisions": {"p": [[0, 1], [1, 2]]}}, "puts class 1 in two groups"),
+    ({"means": [0, 1], "decisions": {"p": [[0, 1]]}}, "at least two groups"),
+    ({"means": [0, 1], "decisions": [[0], [1]]}, "'decisions' must be an object"),
+    ({"stds": [0]}, "needs 'means'"),
+    ({"means": [0, 1], "colour": "red"}, "unknown keys"),
+    ([1, 2], "must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("spec, message", BAD_SPECS)
+def test_bad_spec_is_one_line_and_exit_2(tmp_path, capsys, spec, message):
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    with pytest.raises(SystemExit) as exc:
+        code = gmm.main(FAST + ["--spec", str(path), "--out", str(tmp_path / "o")])
+        raise SystemExit(code)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-samples", "0"], "--num-samples must be >= 1"),
+    (["--steps", "1"], "--steps must be >= 2"),
+    (["--spec", "/nonexistent/spec.json"], "cannot read spec"),
+    (["--schedule", "quadratic"], "invalid choice"),
+    (["--num-samples", "many"], "invalid int value"),
+])
+def test_bad_flags(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        gmm.main(FAST + args + ["--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_malformed_json(tmp_path, capsys):
+    (tmp_path / "spec.json").write_text('{"means": [0, 1],')
+    with pytest.raises(SystemExit) as exc:
+        gmm.main(FAST + ["--spec", str(tmp_path / "spec.json"), "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "not valid JSON" in capsys.readouterr().err
+
+
+def test_runs_as_a_module(tmp_path):
+    """The README's entry point, in a fresh interpreter: exit status 2 and one line on bad input."""
+    r = subprocess.run([sys.executable, "-m", "experiments.gmm", "--steps", "1", "--out", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--steps must be >= 2" in r.stderr
