@@ -19,6 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from experiments import enable_compilation_cache
+
 OUTPUTS = ("summary.json", "curves.npz", "entropy_rate.png", "entropy.png", "posterior_paths.png", "density.png")
 
 PAPER_SPEC: dict[str, Any] = {
@@ -120,7 +122,7 @@ def run(config: Config) -> dict:
     K = mix.num_components
     time_grid = np.asarray(schedule.time)
     weights = np.asarray(mix.weights, np.float64)
-    membership = jnp.asarray(decisions.membership(problems, K))
+    membership = decisions.membership(problems, K)
     class_weights = decisions.class_weights(problems, weights)
     prior = decisions.prior_entropy_bits(problems, weights)
     key_fmc, key_online, key_boot = jax.random.split(jax.random.key(config.seed), 3)
@@ -219,9 +221,9 @@ def _density_figure(mix, schedule, time_grid, paths_x, path_classes):
     first = mixture.GaussianMixture(mix.means[:, :1], mix.stds, mix.log_weights)
     lo = min(float(jnp.min(first.means)), float(np.min(paths_x))) - 3.0
     hi = max(float(jnp.max(first.means)), float(np.max(paths_x))) + 3.0
-    grid = np.linspace(lo, hi, 400)
-    log_density = jax.vmap(lambda ab: jax.vmap(mixture.log_prob, (None, 0, None))(first, jnp.asarray(grid)[:, None], ab))(
-        schedule.alpha_bar)
+    grid = np.linspace(lo, hi, 300)
+    log_density = jax.jit(jax.vmap(lambda ab: jax.vmap(mixture.log_prob, (None, 0, None))(
+        first, jnp.asarray(grid)[:, None], ab)))(schedule.alpha_bar)
     xlabel = "x_t" if mix.dim == 1 else "first coordinate of x_t"
     return plots.density_figure(time_grid, grid, np.asarray(log_density), paths_x, path_classes, xlabel)
 
@@ -269,6 +271,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
+    enable_compilation_cache()
     start = time.perf_counter()
     try:
         summary = run(config)

@@ -1,0 +1,41 @@
+"""jaxdiff_info: when does a diffusion model decide what it generates?
+
+An online Bayesian classifier rides along the reverse dynamics and gives P(class | x_t);
+from it, the conditional entropy H(Z | X_t) in bits of any decision problem Z and its
+rate of change, whose peaks mark when each decision is made.
+"""
+
+import os as _os
+
+
+def _configure_xla_cpu() -> None:
+    """XLA:CPU in jaxlib 0.10 hands elementwise fusions to YNNPACK by default; for the small
+    fused loops of the tracking scan that path is ~100x slower than XLA's own code
+    (benchmarks/README.md). Turn it off, unless the user set the flag, before JAX starts
+    its backends. Other jaxlib versions do not know the flag and are left alone."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        jaxlib_version = version("jaxlib")
+    except PackageNotFoundError:
+        return
+    flags = _os.environ.get("XLA_FLAGS", "")
+    if jaxlib_version.startswith("0.10.") and "xla_cpu_experimental_ynn_fusion_type" not in flags:
+        _os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_experimental_ynn_fusion_type=").strip()
+
+
+_configure_xla_cpu()
+
+from jaxdiff_info import curves, decisions, estimators, mixture, schedule, tracking  # noqa: E402
+from jaxdiff_info.curves import entropy_rate, mutual_information_bits, peak_time  # noqa: E402
+from jaxdiff_info.decisions import DecisionProblem, make_problem  # noqa: E402
+from jaxdiff_info.mixture import GaussianMixture, make_mixture  # noqa: E402
+from jaxdiff_info.schedule import Sampler, Schedule, cosine_schedule, linear_schedule, respace  # noqa: E402
+from jaxdiff_info.tracking import Tracker  # noqa: E402
+
+__all__ = [
+    "curves", "decisions", "estimators", "mixture", "schedule", "tracking",
+    "entropy_rate", "mutual_information_bits", "peak_time",
+    "DecisionProblem", "make_problem", "GaussianMixture", "make_mixture",
+    "Sampler", "Schedule", "cosine_schedule", "linear_schedule", "respace", "Tracker",
+]

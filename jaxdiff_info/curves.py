@@ -9,6 +9,7 @@ H(Z | X_t) = sum_{k in S} pi_k / pi_S H_k(t).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ import numpy as np
 
 def problem_entropy(class_entropy: jax.Array, class_weights: jax.Array) -> jax.Array:
     """(..., T, P) H(Z | X_t) from (..., T, K, P) per-class profiles and (P, K) class weights."""
-    return jnp.einsum("...tkp,pk->...tp", class_entropy, class_weights)
+    return jnp.einsum("...tkp,pk->...tp", class_entropy, class_weights, precision=jax.lax.Precision.HIGHEST)
 
 
 def mutual_information_bits(prior_entropy_bits: jax.Array, entropy_bits: jax.Array) -> jax.Array:
@@ -36,6 +37,12 @@ def rate_operator(time: np.ndarray, bandwidth: float = 0.0) -> np.ndarray:
     quadratics exact and smooths Monte Carlo noise.
     """
     t = np.asarray(time, np.float64)
+    return _rate_operator(t.tobytes(), float(bandwidth)).copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _rate_operator(time_bytes: bytes, bandwidth: float) -> np.ndarray:
+    t = np.frombuffer(time_bytes, np.float64)
     n = t.shape[0]
     if n < 3:
         raise ValueError("the entropy rate needs at least 3 time points")
@@ -47,10 +54,10 @@ def rate_operator(time: np.ndarray, bandwidth: float = 0.0) -> np.ndarray:
         return d
     delta = t[None, :] - t[:, None]  # (target i, source j)
     w = np.exp(-0.5 * (delta / bandwidth) ** 2)
-    basis = np.stack([np.ones_like(delta), delta, delta**2], axis=1)  # (i, 3, j)
-    gram = np.einsum("ij,iaj,ibj->iab", w, basis, basis)
-    coeffs = np.linalg.solve(gram, basis * w[:, None, :])  # (i, 3, j)
-    return coeffs[:, 1, :]
+    s0, s1, s2, s3, s4 = (np.sum(w * delta**power, axis=1) for power in range(5))
+    gram = np.stack([np.stack([s0, s1, s2], -1), np.stack([s1, s2, s3], -1), np.stack([s2, s3, s4], -1)], -2)
+    row = np.linalg.inv(gram)[:, 1, :]  # the slope's row of the inverse normal matrix, (T, 3)
+    return w * (row[:, :1] + row[:, 1:2] * delta + row[:, 2:] * delta**2)
 
 
 def _lagrange_slope(nodes: np.ndarray, at: float) -> np.ndarray:
@@ -67,7 +74,7 @@ def entropy_rate(time: np.ndarray, entropy: jax.Array, bandwidth: float = 0.0) -
     """(..., T, P) r(t) = dH(Z | X_t) / d(t/T) in bits per unit of normalised time, from
     (..., T, P) entropies on the time grid `time`."""
     d = jnp.asarray(rate_operator(time, bandwidth), jnp.float32)
-    return jnp.einsum("st,...tp->...sp", d, entropy)
+    return jnp.einsum("st,...tp->...sp", d, entropy, precision=jax.lax.Precision.HIGHEST)
 
 
 # --- peaks ---------------------------------------------------------------------------------
@@ -106,16 +113,14 @@ def class_entropy_from_blocks(block_sums: jax.Array, block_counts: jax.Array) ->
 def bootstrap_class_entropy(key: jax.Array, block_sums: jax.Array, block_counts: jax.Array, num_resamples: int) -> jax.Array:
     """(R, T, K, P) per-class profiles of R bootstrap resamples: each resample draws, for every
     class, B of its blocks of trajectories with replacement. Blocks are disjoint sets of
-    independent trajectories, so this is the bootstrap of the trajectories, coarsened."""
+    independent trajectories, so this is the bootstrap of the trajectories, coarsened.
+    A resample is a multiplicity m[k, b] for every block; its sums are linear in m."""
     _, num_classes, num_blocks, _ = block_sums.shape
     idx = jax.random.randint(key, (num_resamples, num_classes, num_blocks), 0, num_blocks)
-
-    def one(i):  # i: (K, B) chosen blocks
-        sums = jnp.take_along_axis(block_sums, i[None, :, :, None], axis=2).sum(axis=2)
-        counts = jnp.take_along_axis(block_counts, i, axis=1).sum(axis=1)
-        return sums / jnp.maximum(counts, 1)[None, :, None]
-
-    return jax.lax.map(one, idx)
+    mult = jax.nn.one_hot(idx, num_blocks, dtype=block_sums.dtype).sum(axis=2)  # (R, K, B)
+    sums = jnp.einsum("rkb,tkbp->rtkp", mult, block_sums, precision=jax.lax.Precision.HIGHEST)
+    counts = jnp.einsum("rkb,kb->rk", mult, block_counts.astype(block_sums.dtype), precision=jax.lax.Precision.HIGHEST)
+    return sums / jnp.maximum(counts, 1)[:, None, :, None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,12 +141,28 @@ class Curves:
     peak_time_ci95: np.ndarray | None = None
 
 
+@functools.partial(jax.jit, static_argnames="num_resamples")
+def _curves(rate_op, class_entropy, class_weights, key, block_sums, block_counts, num_resamples):
+    """Entropy, rate and peak of the point estimate and of bootstrap resamples, in one program."""
+    time_index = jnp.arange(rate_op.shape[0])
+
+    def summarise(ce):
+        h = problem_entropy(ce, class_weights)
+        r = jnp.einsum("st,...tp->...sp", rate_op, h, precision=jax.lax.Precision.HIGHEST)
+        return h, r, jnp.argmax(r, axis=-2)
+
+    point = summarise(class_entropy)
+    if block_sums is None:
+        return point, None
+    boot = summarise(bootstrap_class_entropy(key, block_sums, block_counts, num_resamples))
+    q = jnp.array([2.5, 97.5])
+    return point, tuple(jnp.percentile(a, q, axis=0) for a in boot[:2]) + (
+        jnp.percentile(time_index[boot[2]], q, axis=0),)
+
+
 def curves_from_profiles(time: np.ndarray, class_entropy: jax.Array, class_weights: np.ndarray, bandwidth: float = 0.0) -> Curves:
     """Curves of an estimator without sampling error (e.g. quadrature)."""
-    w = jnp.asarray(class_weights, jnp.float32)
-    h = problem_entropy(jnp.asarray(class_entropy), w)
-    r = entropy_rate(time, h, bandwidth)
-    return Curves(np.asarray(time), np.asarray(class_entropy), np.asarray(h), np.asarray(r), np.asarray(peak_time(time, r)))
+    return _assemble(time, class_entropy, class_weights, bandwidth)
 
 
 def curves_from_blocks(
@@ -154,16 +175,21 @@ def curves_from_blocks(
     num_resamples: int = 200,
 ) -> Curves:
     """Curves of a Monte Carlo estimator with 95% percentile-bootstrap intervals."""
-    w = jnp.asarray(class_weights, jnp.float32)
-    base = curves_from_profiles(time, class_entropy_from_blocks(block_sums, block_counts), class_weights, bandwidth)
-    boot = bootstrap_class_entropy(key, block_sums, block_counts, num_resamples)
-    h = problem_entropy(boot, w)
-    r = entropy_rate(time, h, bandwidth)
-    peaks = peak_time(time, r)
-    q = jnp.array([2.5, 97.5])
-    return dataclasses.replace(
-        base,
-        entropy_bits_ci95=np.asarray(jnp.percentile(h, q, axis=0)),
-        entropy_rate_ci95=np.asarray(jnp.percentile(r, q, axis=0)),
-        peak_time_ci95=np.asarray(jnp.percentile(peaks, q, axis=0)),
-    )
+    class_entropy = class_entropy_from_blocks(jnp.asarray(block_sums), jnp.asarray(block_counts))
+    return _assemble(time, class_entropy, class_weights, bandwidth, key, block_sums, block_counts, num_resamples)
+
+
+def _assemble(time, class_entropy, class_weights, bandwidth, key=None, block_sums=None, block_counts=None,
+              num_resamples=0) -> Curves:
+    time = np.asarray(time)
+    rate_op = jnp.asarray(rate_operator(time, bandwidth), jnp.float32)
+    args = (jnp.asarray(block_sums), jnp.asarray(block_counts)) if block_sums is not None else (None, None)
+    (h, r, peak), ci = _curves(rate_op, jnp.asarray(class_entropy), jnp.asarray(class_weights, jnp.float32), key,
+                               *args, num_resamples)
+    curves = Curves(time, np.asarray(class_entropy), np.asarray(h), np.asarray(r), time[np.asarray(peak)])
+    if ci is None:
+        return curves
+    h_ci, r_ci, peak_ci = (np.asarray(a) for a in ci)
+    # percentiles of step indices, read off on the time grid
+    peak_ci = np.interp(peak_ci, np.arange(time.shape[0]), time)
+    return dataclasses.replace(curves, entropy_bits_ci95=h_ci, entropy_rate_ci95=r_ci, peak_time_ci95=peak_ci)

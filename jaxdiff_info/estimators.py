@@ -13,6 +13,7 @@ out class-major: `stratified_classes(K, n)`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff_info import mixture as gmm
-from jaxdiff_info.decisions import LOG2, entropy_bits, problem_entropy_bits
+from jaxdiff_info.decisions import batch_problem_entropy_bits, entropy_bits
 from jaxdiff_info.schedule import Schedule
 from jaxdiff_info.tracking import Tracker, step_chunks
 
@@ -63,16 +64,15 @@ def make_blocks(num_classes: int, per_class: int, num_blocks: int = 32) -> Block
     return Blocks(num_classes, int(per_class), int(min(num_blocks, per_class)))
 
 
-def block_entropy_sums(log_posterior: jax.Array, membership: jax.Array, blocks: Blocks) -> jax.Array:
+def block_entropy_sums(log_posterior: jax.Array, membership: np.ndarray, blocks: Blocks) -> jax.Array:
     """(K, B, P) sums of h(P(z | x_t)) in bits over each block, from (N, K) log P(k | x_t)."""
-    h = jax.vmap(problem_entropy_bits, (0, None))(log_posterior, membership)
-    return blocks.sums(h)
+    return blocks.sums(batch_problem_entropy_bits(log_posterior, membership))
 
 
 # --- 1. exact quadrature, 1-D ---------------------------------------------------------------
 
 def quadrature_class_entropy(
-    mixture: gmm.GaussianMixture, schedule: Schedule, membership: jax.Array, num_nodes: int = 2001, width: float = 9.0
+    mixture: gmm.GaussianMixture, schedule: Schedule, membership: jax.Array, num_nodes: int = 1001, width: float = 9.0
 ) -> jax.Array:
     """(T, K, P) H_k(t) = integral p(x_t | k) h(P(z | x_t)) dx_t for a 1-D mixture.
 
@@ -82,21 +82,31 @@ def quadrature_class_entropy(
     """
     if mixture.dim != 1:
         raise ValueError(f"quadrature needs a 1-D mixture, this one has d = {mixture.dim}")
-    u = jnp.linspace(-width, width, num_nodes)
-    membership = jnp.asarray(membership)
+    membership = np.asarray(membership)
+    return jax.jit(functools.partial(_quadrature, membership=membership, num_nodes=num_nodes, width=width))(
+        mixture, schedule.alpha_bar)
+
+
+def _quadrature(mixture, alpha_bars, membership, num_nodes, width):
+    u = jnp.tile(jnp.linspace(-width, width, num_nodes), mixture.num_components)
+    owner = jnp.repeat(jnp.arange(mixture.num_components), num_nodes)
+    m = mixture.means[:, 0]
 
     def at(alpha_bar):
         sd = jnp.sqrt(alpha_bar * mixture.stds**2 + 1.0 - alpha_bar)
-        x = jnp.sort((jnp.sqrt(alpha_bar) * mixture.means[:, 0][:, None] + sd[:, None] * u).ravel())
-        log_joint = jax.vmap(gmm.log_joint, (None, 0, None))(mixture, x[:, None], alpha_bar)  # (M, K)
-        log_post = jax.nn.log_softmax(log_joint, axis=-1)
-        h = jax.vmap(problem_entropy_bits, (0, None))(log_post, membership)  # (M, P)
-        dens = jnp.exp(log_joint - mixture.log_weights)  # p(x | k), (M, K)
+        x = jnp.sqrt(alpha_bar) * m[owner] + sd[owner] * u
+        order = jnp.argsort(x)
+        x, j, uj = x[order], owner[order], u[order]
+        # x_t - sqrt(abar) m_k from the node's own component, without cancellation
+        offset = jnp.sqrt(alpha_bar) * (m[j][:, None] - m[None, :]) + (sd[j] * uj)[:, None]  # (M, K)
+        v = sd**2
+        log_lik = -0.5 * offset**2 / v - 0.5 * jnp.log(2.0 * math.pi * v)  # log p(x | k)
+        h = batch_problem_entropy_bits(mixture.log_weights + log_lik, membership)  # (M, P)
+        f = jnp.exp(log_lik)[:, :, None] * h[:, None, :]  # (M, K, P)
         dx = jnp.diff(x)
-        f = dens[:, :, None] * h[:, None, :]  # (M, K, P)
         return jnp.sum(0.5 * (f[1:] + f[:-1]) * dx[:, None, None], axis=0)
 
-    return jax.lax.map(at, schedule.alpha_bar, batch_size=16)
+    return jax.lax.map(at, alpha_bars, batch_size=16)
 
 
 def symmetric_two_class_entropy_bits(alpha_bar: jax.Array, mean_norm: float, std: float, num_nodes: int = 200) -> jax.Array:
@@ -123,13 +133,16 @@ def forward_mc_block_sums(
 ) -> jax.Array:
     """(T, K, B, P) block sums of h(P(z | x_t)) for x_t ~ p(x_t | k), drawn independently at
     every step from the forward process, with the exact posterior."""
-    classes = jnp.asarray(blocks.classes)
-    membership = jnp.asarray(membership)
+    membership = np.asarray(membership)
+    run = functools.partial(_forward_mc, membership=membership, blocks=blocks)
+    return jax.jit(run)(mixture, schedule, jnp.asarray(blocks.classes), key)
 
+
+def _forward_mc(mixture, schedule, classes, key, membership, blocks):
     def at(t):
         alpha_bar = schedule.alpha_bar[t - 1]
-        keys = jax.random.split(jax.random.fold_in(key, t), classes.shape[0])
-        x = jax.vmap(gmm.sample_xt_given_class, (None, 0, 0, None))(mixture, keys, classes, alpha_bar)
+        z = jax.random.normal(jax.random.fold_in(key, t), (classes.shape[0], mixture.dim))
+        x = jax.vmap(gmm.xt_given_class, (None, 0, None, 0))(mixture, classes, alpha_bar, z)
         log_post = jax.vmap(gmm.log_posterior, (None, 0, None))(mixture, x, alpha_bar)
         return block_entropy_sums(log_post, membership, blocks)
 
@@ -171,7 +184,7 @@ def online_block_sums(
     record(x_t, log P(k | x_t)) -> pytree: extra per-step outputs (e.g. a few paths).
     """
     classes = jnp.asarray(blocks.classes)
-    membership = jnp.asarray(membership)
+    membership = np.asarray(membership)
     num_steps = tracker.schedule.num_steps
 
     def observe(t, x, log_post):
@@ -179,7 +192,8 @@ def online_block_sums(
         return sums, (record(x, log_post) if record is not None else None)
 
     run = jax.jit(lambda p, s, ts: tracker.run(p, s, classes, ts, observe, tracker.needs_null()))
-    state = tracker.init(key, classes.shape[0], shape, log_prior)
+    init = jax.jit(lambda key, log_prior: tracker.init(key, classes.shape[0], shape, log_prior))
+    state = init(key, jnp.asarray(log_prior))
     outputs = []
     for ts in step_chunks(num_steps, chunk):
         state, out = run(params, state, jnp.asarray(ts))

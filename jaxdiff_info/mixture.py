@@ -122,7 +122,8 @@ def score(mixture: GaussianMixture, x: jax.Array, alpha_bar: jax.Array, k: jax.A
     sum_k P(k | x_t) grad log p(x_t | k)."""
     scores = class_scores(mixture, x, alpha_bar)
     posterior = jnp.exp(log_posterior(mixture, x, alpha_bar))
-    unconditional = posterior @ scores
+    # computed once per point, not once per requested class (keeps XLA from re-fusing it)
+    unconditional = jax.lax.optimization_barrier(jnp.matmul(posterior, scores, precision=jax.lax.Precision.HIGHEST))
     if k is None:
         return unconditional
     conditional = scores[jnp.minimum(k, mixture.num_components - 1)]
@@ -140,7 +141,7 @@ def denoiser(mixture: GaussianMixture, x: jax.Array, alpha_bar: jax.Array, k: ja
     v = _variance(mixture, alpha_bar)
     gain = jnp.sqrt(alpha_bar) * mixture.stds**2 / v
     means = mixture.means + gain[:, None] * (x - jnp.sqrt(alpha_bar) * mixture.means)
-    unconditional = jnp.exp(log_posterior(mixture, x, alpha_bar)) @ means
+    unconditional = jnp.matmul(jnp.exp(log_posterior(mixture, x, alpha_bar)), means, precision=jax.lax.Precision.HIGHEST)
     if k is None:
         return unconditional
     conditional = means[jnp.minimum(k, mixture.num_components - 1)]
@@ -166,11 +167,15 @@ def sample_x0_given_class(mixture: GaussianMixture, key: jax.Array, k: jax.Array
     return mixture.means[k] + mixture.stds[k] * z
 
 
-def sample_xt_given_class(mixture: GaussianMixture, key: jax.Array, k: jax.Array, alpha_bar: jax.Array) -> jax.Array:
-    """(d,) x_t ~ p(x_t | k) = N(sqrt(abar) m_k, v_k I), drawn in one step."""
-    z = jax.random.normal(key, (mixture.dim,))
+def xt_given_class(mixture: GaussianMixture, k: jax.Array, alpha_bar: jax.Array, z: jax.Array) -> jax.Array:
+    """(d,) x_t = sqrt(abar) m_k + sqrt(v_k) z: a draw from p(x_t | k) given z ~ N(0, I)."""
     v = alpha_bar * mixture.stds[k] ** 2 + (1.0 - alpha_bar)
     return jnp.sqrt(alpha_bar) * mixture.means[k] + jnp.sqrt(v) * z
+
+
+def sample_xt_given_class(mixture: GaussianMixture, key: jax.Array, k: jax.Array, alpha_bar: jax.Array) -> jax.Array:
+    """(d,) x_t ~ p(x_t | k) = N(sqrt(abar) m_k, v_k I), drawn in one step."""
+    return xt_given_class(mixture, k, alpha_bar, jax.random.normal(key, (mixture.dim,)))
 
 
 def sample_classes(mixture: GaussianMixture, key: jax.Array, num: int) -> jax.Array:

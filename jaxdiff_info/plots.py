@@ -84,7 +84,8 @@ def density_figure(time: np.ndarray, grid: np.ndarray, log_density: np.ndarray, 
     colors = plt.get_cmap("tab10")
     fig, ax = plt.subplots(figsize=(8, 4.2))
     density = np.exp(log_density - log_density.max(axis=1, keepdims=True))
-    ax.pcolormesh(time, grid, density.T, shading="auto", cmap="Greys", rasterized=True)
+    ax.imshow(density.T, origin="lower", aspect="auto", cmap="Greys", interpolation="nearest",
+              extent=(time[0], time[-1], grid[0], grid[-1]))
     for m in range(paths.shape[1]):
         ax.plot(time, paths[:, m], color=colors(int(path_classes[m]) % 10), lw=0.7, alpha=0.9)
     ax.set_xlabel("normalised time t/T  (generation runs right to left)")
