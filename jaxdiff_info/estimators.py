@@ -24,7 +24,7 @@ import numpy as np
 from jaxdiff_info import mixture as gmm
 from jaxdiff_info.decisions import batch_problem_entropy_bits, entropy_bits
 from jaxdiff_info.schedule import Schedule
-from jaxdiff_info.tracking import Tracker, step_chunks
+from jaxdiff_info.tracking import Tracker, TrackState, step_chunks
 
 
 # --- layout of trajectories ----------------------------------------------------------------
@@ -64,9 +64,23 @@ def make_blocks(num_classes: int, per_class: int, num_blocks: int = 32) -> Block
     return Blocks(num_classes, int(per_class), int(min(num_blocks, per_class)))
 
 
-def block_entropy_sums(log_posterior: jax.Array, membership: np.ndarray, blocks: Blocks) -> jax.Array:
-    """(K, B, P) sums of h(P(z | x_t)) in bits over each block, from (N, K) log P(k | x_t)."""
-    return blocks.sums(batch_problem_entropy_bits(log_posterior, membership))
+def block_entropy_sums(log_posterior: jax.Array, membership: np.ndarray, blocks: Blocks,
+                       log_prior: jax.Array | None = None) -> jax.Array:
+    """(K, B, P) sums of h(P(z | x_t)) in bits over each block, from (N, K) log P(k | x_t).
+
+    With `log_prior` (K,), for trajectories drawn from the whole model (unconditional
+    generation, a single block layout of one "class"): each h_p is weighted by
+    P(S_p | x_t) / pi_{S_p}, which turns an average over x_t ~ p into one over x_t drawn from
+    the problem's own classes S_p, p_S(x) = p(x) P(S | x) / pi_S.
+    """
+    h = batch_problem_entropy_bits(log_posterior, membership)
+    if log_prior is not None:
+        included = np.asarray(membership, bool).any(axis=1)  # (P, K)
+        mask = jnp.where(jnp.asarray(included), 0.0, -jnp.inf)
+        log_mass = jax.nn.logsumexp(log_posterior[:, None, :] + mask, axis=-1)  # (N, P)
+        log_prior_mass = jax.nn.logsumexp(log_prior + mask, axis=-1)  # (P,)
+        h = h * jnp.exp(log_mass - log_prior_mass)
+    return blocks.sums(h)
 
 
 # --- 1. exact quadrature, 1-D ---------------------------------------------------------------
@@ -176,30 +190,53 @@ def online_block_sums(
     record=None,
     chunk: int | None = None,
     progress=None,
+    unconditional: bool = False,
+    after_chunk=None,
+    sharding=None,
 ) -> OnlineRun:
     """Generate `blocks.per_class` trajectories of every class with `tracker` and return the
     per-step block sums of the problem entropies, in one compiled scan (run in chunks of
     `chunk` steps when a progress callback is wanted: progress(num_steps_done)).
 
     record(x_t, log P(k | x_t)) -> pytree: extra per-step outputs (e.g. a few paths).
+    unconditional: generate every trajectory with the null class (blocks must then have a
+        single "class"); entropies are importance-weighted per problem, see block_entropy_sums.
+    after_chunk(t, state): called with the state at x_t before the first chunk (t = T) and after
+        every chunk (e.g. for snapshots; t = 0 is the generated sample).
+    sharding: a jax.sharding.Sharding for the trajectory axis (data-parallel over devices).
     """
-    classes = jnp.asarray(blocks.classes)
+    num_classes = tracker.num_classes
+    if unconditional:
+        if blocks.num_classes != 1:
+            raise ValueError("unconditional generation takes a block layout of one class")
+        classes = jnp.full((blocks.per_class,), num_classes, jnp.int32)
+    else:
+        classes = jnp.asarray(blocks.classes)
     membership = np.asarray(membership)
     num_steps = tracker.schedule.num_steps
+    prior_for_weights = jax.nn.log_softmax(jnp.asarray(log_prior)) if unconditional else None
 
     def observe(t, x, log_post):
-        sums = block_entropy_sums(log_post, membership, blocks)
+        sums = block_entropy_sums(log_post, membership, blocks, prior_for_weights)
         return sums, (record(x, log_post) if record is not None else None)
 
-    run = jax.jit(lambda p, s, ts: tracker.run(p, s, classes, ts, observe, tracker.needs_null()))
+    with_null = unconditional or tracker.needs_null()
+    run = jax.jit(lambda p, s, c, ts: tracker.run(p, s, c, ts, observe, with_null))
     init = jax.jit(lambda key, log_prior: tracker.init(key, classes.shape[0], shape, log_prior))
     state = init(key, jnp.asarray(log_prior))
+    if sharding is not None:
+        classes = jax.device_put(classes, sharding)
+        state = TrackState(jax.device_put(state.x, sharding), jax.device_put(state.log_posterior, sharding), state.key)
+    if after_chunk is not None:
+        after_chunk(num_steps, state)
     outputs = []
     for ts in step_chunks(num_steps, chunk):
-        state, out = run(params, state, jnp.asarray(ts))
+        state, out = run(params, state, classes, jnp.asarray(ts))
         outputs.append(out)
         if progress is not None:
             progress(int(np.count_nonzero(ts)))
+        if after_chunk is not None:
+            after_chunk(int(ts[ts > 0][-1]) - 1, state)
     out = jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:num_steps][::-1], *outputs)
     sums, paths = out
     return OnlineRun(sums, np.asarray(state.x), np.asarray(state.log_posterior), paths)

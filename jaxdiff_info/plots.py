@@ -93,3 +93,83 @@ def density_figure(time: np.ndarray, grid: np.ndarray, log_density: np.ndarray, 
     ax.set_title("p(x_t), normalised per time, with generated paths")
     fig.tight_layout()
     return fig
+
+
+def class_curves_figure(class_curves: Curves, class_names: Sequence[str]):
+    """H(Y | X_t) and its rate for the trajectories of each class, with 95% bootstrap bands."""
+    K = len(class_names)
+    colors = plt.get_cmap("tab10" if K <= 10 else "tab20")
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(12, 4.2))
+    t = class_curves.time
+    for k, name in enumerate(class_names):
+        c = colors(k % 20)
+        a0.plot(t, class_curves.entropy_bits[:, k], color=c, lw=1.3, label=name)
+        a1.plot(t, class_curves.entropy_rate[:, k], color=c, lw=1.3, label=f"{name} (peak {class_curves.peak_time[k]:.2f})")
+        if class_curves.entropy_rate_ci95 is not None:
+            a0.fill_between(t, *class_curves.entropy_bits_ci95[:, :, k], color=c, alpha=0.15, lw=0)
+            a1.fill_between(t, *class_curves.entropy_rate_ci95[:, :, k], color=c, alpha=0.15, lw=0)
+    a0.set_ylabel("H(Y | X_t) of trajectories of the class  [bits]")
+    a1.set_ylabel("dH/d(t/T)  [bits]")
+    for ax in (a0, a1):
+        ax.set_xlabel("normalised time t/T")
+        ax.grid(alpha=0.3)
+    a1.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def posterior_heatmap_figure(time: np.ndarray, mean_posterior: np.ndarray, class_names: Sequence[str]):
+    """For each generating class, the average P(k | x_t) over its trajectories as a heat map
+    (classes k down, normalised time across). mean_posterior: (T, C, K)."""
+    C, K = mean_posterior.shape[1:]
+    fig, axes = _grid(C, width=3.2, height=2.4)
+    for c, ax in enumerate(axes):
+        im = ax.imshow(mean_posterior[:, c, :].T, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis",
+                       extent=(time[0], time[-1], -0.5, K - 0.5), interpolation="nearest")
+        ax.set_yticks(range(K))
+        ax.set_yticklabels(class_names, fontsize=6)
+        ax.set_title(f"generated from {class_names[c]}" if C == K else "unconditional", fontsize=9)
+        ax.set_xlabel("t/T")
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label="mean P(k | x_t)")
+    return fig
+
+
+def _to_image(x: np.ndarray) -> np.ndarray:
+    return np.clip((np.asarray(x) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def snapshot_paths_figure(time: np.ndarray, log_posterior: np.ndarray, path_classes: np.ndarray, snapshots,
+                          class_names: Sequence[str], num_train_steps: int):
+    """One row per recorded trajectory: P(k | x_t) along it, and the predicted x_0 at a few
+    times (the generated image at t = 0). snapshots: [(t, x_t (M, ...), x0_hat (M, ...))]."""
+    M, K = log_posterior.shape[1:]
+    S = len(snapshots)
+    colors = plt.get_cmap("tab10" if K <= 10 else "tab20")
+    fig = plt.figure(figsize=(4.0 + 1.0 * S, 1.25 * M))
+    grid = fig.add_gridspec(M, S + 3)
+    step_time = lambda t: 0.0 if t == 0 else float(time[t - 1])  # noqa: E731
+    for m in range(M):
+        ax = fig.add_subplot(grid[m, :3])
+        for k in range(K):
+            ax.plot(time, np.exp(log_posterior[:, m, k]), color=colors(k % 20), lw=1.0)
+        for t, _, _ in snapshots:
+            ax.axvline(step_time(t), color="grey", lw=0.5, ls=":")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel(class_names[int(path_classes[m])] if int(path_classes[m]) < K else "uncond.", fontsize=7)
+        ax.tick_params(labelsize=6)
+        if m == M - 1:
+            ax.set_xlabel("t/T: P(k | x_t) along the path; right: predicted x_0", fontsize=7)
+        for s, (t, _, x0) in enumerate(snapshots):
+            a = fig.add_subplot(grid[m, 3 + s])
+            if x0[m].ndim == 3:
+                a.imshow(_to_image(x0[m]), interpolation="nearest")
+            else:  # not an image: print the first coordinate
+                a.text(0.5, 0.5, f"{float(x0[m].ravel()[0]):.3g}", ha="center", va="center", fontsize=7)
+            a.set_xticks([])
+            a.set_yticks([])
+            if m == 0:
+                a.set_title(f"t/T={step_time(t):.2f}", fontsize=7)
+    handles = [plt.Line2D([], [], color=colors(k % 20), label=class_names[k]) for k in range(K)]
+    fig.legend(handles=handles, loc="upper center", ncol=min(K, 10), fontsize=7, bbox_to_anchor=(0.5, 1.0 + 0.3 / M))
+    fig.tight_layout()
+    return fig

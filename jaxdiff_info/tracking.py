@@ -49,6 +49,8 @@ class Tracker:
     num_classes: K
     guidance:    classifier-free guidance weight w: every class kernel uses
                  eps_k + w (eps_k - eps_null); 0 = plain class-conditional kernels
+    batch_size:  trajectories per network call; None = all N in one call (N * K examples).
+                 Smaller values bound memory and give the same numbers.
     """
 
     eps_fn: EpsFn
@@ -56,6 +58,7 @@ class Tracker:
     sampler: Sampler
     num_classes: int
     guidance: float = 0.0
+    batch_size: int | None = None
 
     def __post_init__(self):
         if not self.sampler.stochastic:
@@ -113,12 +116,14 @@ class Tracker:
         Returns the new state and observe(t, x_t, log P(k | x_t)) stacked over ts (taken
         at x_t, before the step from t).
         """
-        step = jax.vmap(self.step_one, (None, None, 0, 0, 0, 0, None))
+        def step(t, x, log_w, z):
+            one = lambda a: self.step_one(params, t, a[0], a[1], a[2], a[3], with_null)  # noqa: E731
+            return jax.lax.map(one, (x, log_w, classes, z), batch_size=self.batch_size or x.shape[0])
 
         def body(state: TrackState, t):
             out = observe(t, state.x, state.log_posterior) if observe is not None else None
             z = jax.random.normal(jax.random.fold_in(state.key, t), state.x.shape)
-            x, log_w = step(params, jnp.maximum(t, 1), state.x, state.log_posterior, classes, z, with_null)
+            x, log_w = step(jnp.maximum(t, 1), state.x, state.log_posterior, z)
             valid = t > 0
             new = TrackState(
                 jnp.where(valid, x, state.x), jnp.where(valid, log_w, state.log_posterior), state.key
