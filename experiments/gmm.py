@@ -55,6 +55,7 @@ class Config:
     num_resamples: int = 200
     num_blocks: int = 32
     paths_per_class: int = 4
+    save_every: int = 0  # > 0: also write every trajectory, every n-th step, to trajectories.npz
     overwrite: bool = False
     progress: bool = True
 
@@ -117,7 +118,10 @@ def run(config: Config) -> dict:
     blocks = estimators.make_blocks(mix.num_components, config.num_samples, config.num_blocks)
     if config.bandwidth < 0 or not np.isfinite(config.bandwidth):
         raise ValueError(f"--bandwidth must be a finite number >= 0, got {config.bandwidth}")
-    out = results.prepare_output_dir(config.out, OUTPUTS, config.overwrite)
+    if config.save_every < 0:
+        raise ValueError(f"--save-every must be >= 0, got {config.save_every}")
+    outputs = OUTPUTS + (("trajectories.npz",) if config.save_every else ())
+    out = results.prepare_output_dir(config.out, outputs, config.overwrite)
 
     K = mix.num_components
     time_grid = np.asarray(schedule.time)
@@ -154,9 +158,15 @@ def run(config: Config) -> dict:
 
     bar.set_postfix_str("online classifier")
     tracker = Tracker(mixture.eps_fn(schedule), schedule, sampler, K)
+    saved: list = []
+
+    def save(t, state):
+        saved.append((t, np.asarray(state.x), np.asarray(state.log_posterior)))
+
     online = estimators.online_block_sums(
         tracker, mix, mix.log_weights, (mix.dim,), membership, blocks, key_online,
-        record=record, chunk=max(1, config.steps // 20), progress=bar.update)
+        record=record, chunk=config.save_every or max(1, config.steps // 20), progress=bar.update,
+        after_chunk=save if config.save_every else None)
     curves["online"] = C.curves_from_blocks(
         jax.random.fold_in(key_boot, 1), time_grid, online.block_sums, blocks.counts, class_weights, config.bandwidth,
         config.num_resamples)
@@ -192,6 +202,13 @@ def run(config: Config) -> dict:
         "x_0": online.x_0, "x_0_classes": blocks.classes,
         **results.curves_arrays(curves),
     })
+
+    if saved:
+        steps = np.array([t for t, _, _ in saved])
+        results.write_npz(out / "trajectories.npz", {
+            "t": steps, "time": np.where(steps > 0, time_grid[np.maximum(steps - 1, 0)], 0.0),
+            "x": np.stack([x for _, x, _ in saved]), "log_posterior": np.stack([lp for _, _, lp in saved]),
+            "classes": blocks.classes})
 
     class_names = [_component_name(mix, k) for k in range(K)]
     figures = {
@@ -250,6 +267,9 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     p.add_argument("--bandwidth", type=float, default=Config.bandwidth,
                    help="smoothing of Monte Carlo entropy rates, in normalised time (0 = none; default %(default)s)")
     p.add_argument("--bootstrap", type=int, default=Config.num_resamples, help="bootstrap resamples (default %(default)s)")
+    p.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="also write every online trajectory (x_t and log P(k | x_t)) every N-th step to "
+                        "trajectories.npz (default: off)")
     p.add_argument("--out", type=Path, default=Config.out, help="output folder (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -258,6 +278,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         p.error(f"--num-samples must be >= 1, got {a.num_samples}")
     if a.steps < 2:
         p.error(f"--steps must be >= 2, got {a.steps}")
+    if a.save_every < 0:
+        p.error(f"--save-every must be >= 0, got {a.save_every}")
     if a.bootstrap < 1:
         p.error(f"--bootstrap must be >= 1, got {a.bootstrap}")
     try:
@@ -266,7 +288,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         p.error(str(e))
     return Config(spec=spec, out=a.out, num_samples=a.num_samples, steps=a.steps, schedule=a.schedule,
                   variance=a.variance, seed=a.seed, bandwidth=a.bandwidth, num_resamples=a.bootstrap,
-                  overwrite=a.overwrite, progress=not a.no_progress)
+                  save_every=a.save_every, overwrite=a.overwrite, progress=not a.no_progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

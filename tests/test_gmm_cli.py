@@ -64,6 +64,20 @@ def test_d_dimensional_spec_skips_quadrature(tmp_path):
     assert summary["problems"][0]["prior_entropy_bits"] == pytest.approx(1.5)
 
 
+def test_whole_trajectories_every_nth_step(tmp_path):
+    assert gmm.main(FAST + ["--save-every", "25", "--out", str(tmp_path / "o")]) == 0
+    saved = np.load(tmp_path / "o" / "trajectories.npz")
+    np.testing.assert_array_equal(saved["t"], [100, 75, 50, 25, 0])
+    assert saved["x"].shape == (5, 4 * 64, 1) and saved["log_posterior"].shape == (5, 256, 4)
+    # x_T ~ N(0, I) with the prior as posterior; x_0 on the data points
+    np.testing.assert_allclose(np.exp(saved["log_posterior"][0]), 0.25, atol=1e-6)
+    np.testing.assert_allclose(saved["x"][-1, :, 0], np.repeat([-8.0, -4.0, 6.0, 8.0], 64), atol=1e-2)
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    online = np.load(tmp_path / "o" / "curves.npz")["x_0"]
+    np.testing.assert_allclose(online, saved["x"][-1])
+    assert summary["problems"][0]["entropy_bits"]["online"][-1] == pytest.approx(2.0, abs=1e-5)
+
+
 def test_spec_without_decisions_gets_label_and_one_vs_rest(tmp_path):
     (tmp_path / "spec.json").write_text(json.dumps({"means": [-2, 0, 3], "stds": [0.5, 0, 0]}))
     assert gmm.main(FAST + ["--spec", str(tmp_path / "spec.json"), "--out", str(tmp_path / "o")]) == 0
@@ -106,6 +120,7 @@ def test_bad_spec_is_one_line_and_exit_2(tmp_path, capsys, spec, message):
     (["--spec", "/nonexistent/spec.json"], "cannot read spec"),
     (["--schedule", "quadratic"], "invalid choice"),
     (["--num-samples", "many"], "invalid int value"),
+    (["--save-every", "-1"], "--save-every must be >= 0"),
 ])
 def test_bad_flags(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exc:
