@@ -7,7 +7,7 @@
 
 Monte Carlo estimators return sums of h(P(z | x_t)) over blocks of trajectories of each
 class, (T, K, B, P), so that `jaxdiff_info.curves` can bootstrap them. Trajectories are laid
-out class-major: `stratified_classes(K, n)`.
+out class-major in blocks: `make_blocks(K, n)`.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def block_entropy_sums(log_posterior: jax.Array, membership: np.ndarray, blocks:
 # --- 1. exact quadrature, 1-D ---------------------------------------------------------------
 
 def quadrature_class_entropy(
-    mixture: gmm.GaussianMixture, schedule: Schedule, membership: jax.Array, num_nodes: int = 1001, width: float = 9.0
+    mixture: gmm.GaussianMixture, schedule: Schedule, membership: np.ndarray, num_nodes: int = 1001, width: float = 9.0
 ) -> jax.Array:
     """(T, K, P) H_k(t) = integral p(x_t | k) h(P(z | x_t)) dx_t for a 1-D mixture.
 
@@ -143,7 +143,7 @@ def symmetric_two_class_entropy_bits(alpha_bar: jax.Array, mean_norm: float, std
 # --- 2. forward Monte Carlo ---------------------------------------------------------------
 
 def forward_mc_block_sums(
-    mixture: gmm.GaussianMixture, schedule: Schedule, membership: jax.Array, blocks: Blocks, key: jax.Array
+    mixture: gmm.GaussianMixture, schedule: Schedule, membership: np.ndarray, blocks: Blocks, key: jax.Array
 ) -> jax.Array:
     """(T, K, B, P) block sums of h(P(z | x_t)) for x_t ~ p(x_t | k), drawn independently at
     every step from the forward process, with the exact posterior."""
@@ -184,7 +184,7 @@ def online_block_sums(
     params: Any,
     log_prior: jax.Array,
     shape: tuple[int, ...],
-    membership: jax.Array,
+    membership: np.ndarray,
     blocks: Blocks,
     key: jax.Array,
     record=None,
@@ -220,7 +220,7 @@ def online_block_sums(
         sums = block_entropy_sums(log_post, membership, blocks, prior_for_weights)
         return sums, (record(x, log_post) if record is not None else None)
 
-    with_null = unconditional or tracker.needs_null()
+    with_null = unconditional or tracker.guidance != 0.0
     run = jax.jit(lambda p, s, c, ts: tracker.run(p, s, c, ts, observe, with_null))
     init = jax.jit(lambda key, log_prior: tracker.init(key, classes.shape[0], shape, log_prior))
     state = init(key, jnp.asarray(log_prior))

@@ -67,9 +67,6 @@ class Tracker:
                 "a deterministic step carries no likelihood to update on"
             )
 
-    def needs_null(self, classes: np.ndarray | None = None) -> bool:
-        return self.guidance != 0.0 or (classes is not None and bool(np.any(np.asarray(classes) >= self.num_classes)))
-
     # --- one trajectory, one step ------------------------------------------------------
 
     def step_one(self, params, t, x, log_w, c, z, with_null: bool):
