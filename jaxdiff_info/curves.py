@@ -34,7 +34,8 @@ def rate_operator(time: np.ndarray, bandwidth: float = 0.0) -> np.ndarray:
     bandwidth = 0: second-order finite differences (central inside, one-sided at the ends).
     bandwidth > 0: slope of a local quadratic fit with Gaussian weights of that width in
     normalised time (a Savitzky-Golay filter that also works at the ends); it leaves
-    quadratics exact and smooths Monte Carlo noise.
+    quadratics exact and smooths Monte Carlo noise. A bandwidth below 1.5 grid spacings
+    (a coarse, respaced grid) is raised to that, so every fit sees enough points.
     """
     t = np.asarray(time, np.float64)
     return _rate_operator(t.tobytes(), float(bandwidth)).copy()
@@ -52,6 +53,7 @@ def _rate_operator(time_bytes: bytes, bandwidth: float) -> np.ndarray:
             j = np.arange(min(max(i - 1, 0), n - 3), min(max(i - 1, 0), n - 3) + 3)
             d[i, j] = _lagrange_slope(t[j], t[i])
         return d
+    bandwidth = max(bandwidth, 1.5 * float(np.max(np.diff(t))))
     delta = t[None, :] - t[:, None]  # (target i, source j)
     w = np.exp(-0.5 * (delta / bandwidth) ** 2)
     s0, s1, s2, s3, s4 = (np.sum(w * delta**power, axis=1) for power in range(5))
