@@ -157,7 +157,7 @@ def run(config: Config) -> dict:
     bar.update(config.steps)
 
     bar.set_postfix_str("online classifier")
-    tracker = Tracker(mixture.eps_fn(schedule), schedule, sampler, K)
+    tracker = Tracker(mixture.eps_fn(schedule, with_null=False), schedule, sampler, K, batch_size=2048)
     saved: list = []
 
     def save(t, state):

@@ -9,10 +9,10 @@ import os as _os
 
 
 def _configure_xla_cpu() -> None:
-    """XLA:CPU in jaxlib 0.10 hands elementwise fusions to YNNPACK by default; for the small
-    fused loops of the tracking scan that path is ~100x slower than XLA's own code
-    (benchmarks/README.md). Turn it off, unless the user set the flag, before JAX starts
-    its backends. Other jaxlib versions do not know the flag and are left alone."""
+    """XLA:CPU in jaxlib 0.10 hands elementwise fusions to YNNPACK by default; with it the
+    tracking loop ran 1.4-2.4x slower in benchmarks/README.md (single small fusions up to
+    100x). Turn it off, unless the user set the flag, before JAX starts its backends. Other
+    jaxlib versions do not know the flag and are left alone."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:

@@ -52,10 +52,10 @@ class Blocks:
     def sums(self, values: jax.Array) -> jax.Array:
         """(K, B, ...) sums over each block of per-trajectory values (N, ...)."""
         v = values.reshape(self.num_classes, self.per_class, *values.shape[1:])
-        rows = -(-self.per_class // self.num_blocks)
-        pad = rows * self.num_blocks - self.per_class
-        v = jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
-        return v.reshape(self.num_classes, rows, self.num_blocks, *values.shape[1:]).sum(axis=1)
+        rows, rest = divmod(self.per_class, self.num_blocks)
+        full = rows * self.num_blocks
+        sums = v[:, :full].reshape(self.num_classes, rows, self.num_blocks, *values.shape[1:]).sum(axis=1)
+        return sums.at[:, :rest].add(v[:, full:]) if rest else sums
 
 
 def make_blocks(num_classes: int, per_class: int, num_blocks: int = 32) -> Blocks:

@@ -148,15 +148,27 @@ def denoiser(mixture: GaussianMixture, x: jax.Array, alpha_bar: jax.Array, k: ja
     return jnp.where(k >= mixture.num_components, unconditional, conditional)
 
 
-def eps_fn(schedule: Schedule):
+def eps_fn(schedule: Schedule, with_null: bool = True):
     """The mixture as a class-conditional eps-predictor eps(mixture, x_t, t, k), the same
     interface as a network eps(params, x_t, t, k): t is a step of `schedule`, k = K is the
-    unconditional prediction."""
+    unconditional prediction.
+
+    with_null=False gives class-conditional predictions only (k = K returns NaN): about half
+    the work, since the posterior-weighted unconditional score is never formed. Enough for
+    class-conditional generation without guidance.
+    """
 
     def mixture_eps(mixture: GaussianMixture, x_t: jax.Array, t: jax.Array, k: jax.Array) -> jax.Array:
         return eps(mixture, x_t, alpha_bar_at(schedule, t), k)
 
-    return mixture_eps
+    def class_eps(mixture: GaussianMixture, x_t: jax.Array, t: jax.Array, k: jax.Array) -> jax.Array:
+        alpha_bar = alpha_bar_at(schedule, t)
+        j = jnp.minimum(k, mixture.num_components - 1)
+        v = alpha_bar * mixture.stds[j] ** 2 + (1.0 - alpha_bar)
+        e = jnp.sqrt(1.0 - alpha_bar) * (x_t - jnp.sqrt(alpha_bar) * mixture.means[j]) / v
+        return jnp.where(k < mixture.num_components, e, jnp.nan)
+
+    return mixture_eps if with_null else class_eps
 
 
 # --- sampling ----------------------------------------------------------------------------

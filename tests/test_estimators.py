@@ -183,3 +183,15 @@ def test_bad_sample_counts():
         E.make_blocks(3, 0)
     with pytest.raises(ValueError, match="1-D"):
         E.quadrature_class_entropy(M.make_mixture([[0, 0], [1, 1]]), SCHEDULE, D.membership([D.class_label(2)], 2))
+
+
+@pytest.mark.parametrize("per_class, num_blocks", [(10, 4), (12, 4), (7, 7), (5, 32)])
+def test_block_sums_partition_the_trajectories(per_class, num_blocks):
+    blocks = E.make_blocks(3, per_class, num_blocks)
+    values = jnp.arange(3 * per_class, dtype=jnp.float32)[:, None] ** 1.5
+    sums = np.asarray(blocks.sums(values))[..., 0]
+    v = np.asarray(values)[:, 0].reshape(3, per_class)
+    for k in range(3):
+        for b in range(blocks.num_blocks):
+            assert sums[k, b] == pytest.approx(v[k, b::blocks.num_blocks].sum(), rel=1e-6)
+    np.testing.assert_array_equal(blocks.counts.sum(axis=1), per_class)

@@ -107,3 +107,12 @@ def test_extreme_values_stay_finite():
 def test_bad_mixtures(kwargs, match):
     with pytest.raises(ValueError, match=match):
         M.make_mixture(**kwargs)
+
+
+def test_class_only_eps_matches_the_full_one():
+    s = S.linear_schedule(100)
+    full, fast = M.eps_fn(s), M.eps_fn(s, with_null=False)
+    x = jnp.array([0.4, -0.3])
+    for k in range(3):
+        np.testing.assert_allclose(fast(MIX, x, 40, k), full(MIX, x, 40, k), rtol=1e-5, atol=1e-6)
+    assert np.all(np.isnan(np.asarray(fast(MIX, x, 40, 3))))  # no null class: loud, not wrong
