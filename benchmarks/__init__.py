@@ -1,0 +1,1 @@
+"""Benchmarks of jaxdiff_info (run as scripts: python -m benchmarks.<name>)."""
