@@ -165,6 +165,7 @@ class Sampler:
     kind: Literal["ddpm", "ddim"] = "ddpm"
     variance: Variance = "small"
     eta: float = 1.0
+    clip_x0: float | None = None  # clip the predicted x_0 to [-c, c] (Ho et al.: c = 1 for images)
 
     def __post_init__(self):
         if self.kind not in ("ddpm", "ddim"):
@@ -173,15 +174,18 @@ class Sampler:
             raise ValueError(f"unknown variance {self.variance!r}; choose small (beta~_t) or large (beta_t)")
         if not (math.isfinite(self.eta) and self.eta >= 0):
             raise ValueError(f"eta must be a finite number >= 0, got {self.eta}")
+        if self.clip_x0 is not None and not (math.isfinite(self.clip_x0) and self.clip_x0 > 0):
+            raise ValueError(f"clip_x0 must be a finite number > 0 (or None), got {self.clip_x0}")
 
     @property
     def stochastic(self) -> bool:
         return self.kind == "ddpm" or self.eta > 0
 
     def describe(self) -> str:
+        clip = "" if self.clip_x0 is None else f", x_0 prediction clipped to +-{self.clip_x0:g}"
         if self.kind == "ddpm":
-            return f"DDPM ancestral, sigma_t^2 = {'beta~_t' if self.variance == 'small' else 'beta_t'}"
-        return f"DDIM, eta = {self.eta:g} (sigma_t = eta sqrt(beta~_t))"
+            return f"DDPM ancestral, sigma_t^2 = {'beta~_t' if self.variance == 'small' else 'beta_t'}{clip}"
+        return f"DDIM, eta = {self.eta:g} (sigma_t = eta sqrt(beta~_t)){clip}"
 
 
 def reverse_std(schedule: Schedule, t: jax.Array, sampler: Sampler) -> jax.Array:
@@ -203,9 +207,14 @@ def reverse_mean(schedule: Schedule, t: jax.Array, x_t: jax.Array, eps: jax.Arra
 
     DDPM: mu = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t)
     DDIM: mu = sqrt(abar_{t-1}) x0_hat + sqrt(1 - abar_{t-1} - sigma_t^2) eps
+    With clip_x0, x0_hat = clip(eps_to_x0(x_t, eps)) and eps is recomputed from it (for DDPM
+    this is the posterior mean of q(x_{t-1} | x_t, x0_hat)).
     """
     beta = schedule.betas[t - 1]
     abar = schedule.alpha_bar[t - 1]
+    if sampler.clip_x0 is not None:
+        x0 = jnp.clip(eps_to_x0(x_t, eps, abar), -sampler.clip_x0, sampler.clip_x0)
+        eps = x0_to_eps(x_t, x0, abar)
     if sampler.kind == "ddpm":
         return (x_t - beta / jnp.sqrt(1.0 - abar) * eps) / jnp.sqrt(1.0 - beta)
     abar_prev = alpha_bar_at(schedule, t - 1)

@@ -107,3 +107,15 @@ def test_sampler_validation():
         S.Sampler("ddim", eta=-1.0)
     with pytest.raises(ValueError, match="sampler"):
         S.Sampler("euler")
+
+
+def test_clipped_x0_kernel_is_the_posterior_mean_of_the_clipped_prediction():
+    s = S.linear_schedule(1000)
+    t = jnp.asarray(300)
+    x, e = jnp.array([0.3, -2.5]), jnp.array([0.5, -1.9])
+    ab, ab_prev, beta = float(s.alpha_bar[299]), float(s.alpha_bar[298]), float(s.betas[299])
+    x0 = np.clip(np.asarray(S.eps_to_x0(x, e, ab)), -1, 1)
+    posterior_mean = (math.sqrt(ab_prev) * beta / (1 - ab)) * x0 + (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)) * np.asarray(x)
+    clipped = S.Sampler("ddpm", "large", clip_x0=1.0)
+    np.testing.assert_allclose(S.reverse_mean(s, t, x, e, clipped), posterior_mean, rtol=1e-4, atol=1e-5)
+    assert np.abs(np.asarray(S.eps_to_x0(x, e, ab))).max() > 1  # the clip was active

@@ -31,6 +31,7 @@ class AnalyzeConfig:
     samples_per_class: int = 64
     steps: int | None = None  # None: every step of the model's training schedule
     variance: str = "large"
+    clip_x0: bool = True
     generation: str = "conditional"
     guidance: float = 0.0
     batch_size: int | None = None  # trajectories per network call (None: all at once)
@@ -77,6 +78,7 @@ def analyze(
     samples_per_class: int,
     key,
     variance: str = "large",
+    clip_x0: float | None = None,
     generation: str = "conditional",
     guidance: float = 0.0,
     batch_size: int | None = None,
@@ -105,7 +107,7 @@ def analyze(
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     K = num_classes
-    sampler = Sampler("ddpm", variance)
+    sampler = Sampler("ddpm", variance, clip_x0=clip_x0)
     tracker = Tracker(eps_fn, schedule, sampler, K, guidance=guidance, batch_size=batch_size)
     unconditional = generation == "unconditional"
     weights = np.full(K, 1.0 / K)
@@ -181,6 +183,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sampling steps T, respaced from the model's schedule (default: all of them)")
     p.add_argument("--variance", choices=["small", "large"], default=AnalyzeConfig.variance,
                    help="reverse-step variance: large = beta_t (Ho et al. for CIFAR-10), small = beta~_t")
+    p.add_argument("--no-clip", action="store_true",
+                   help="do not clip the predicted x_0 to [-1, 1] in each step (Ho et al. clip; the tracker "
+                        "uses whichever kernel generates)")
     p.add_argument("--generation", choices=["conditional", "unconditional"], default=AnalyzeConfig.generation,
                    help="generate from each class (per-class profiles) or from the null class")
     p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w (default 0)")
@@ -200,7 +205,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(a: argparse.Namespace) -> AnalyzeConfig:
     return AnalyzeConfig(
         checkpoint=a.checkpoint, out=a.out, samples_per_class=a.samples_per_class, steps=a.steps,
-        variance=a.variance, generation=a.generation, guidance=a.guidance, batch_size=a.batch_size,
+        variance=a.variance, clip_x0=not a.no_clip, generation=a.generation, guidance=a.guidance, batch_size=a.batch_size,
         use_ema=not a.raw_weights, checkpoint_step=a.checkpoint_step, seed=a.seed, bandwidth=a.bandwidth,
         num_resamples=a.bootstrap, overwrite=a.overwrite, progress=not a.no_progress)
 
