@@ -71,6 +71,9 @@ def jax_variants(config, params, trajectories: int, steps: int):
 
 
 def torch_variant(config_name, config, params, trajectories: int, schedule):
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spin-waiting threads distort shared machines
     import torch
 
     from benchmarks import torch_unet
