@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -139,7 +140,7 @@ def dataset():
 def test_tiny_model_overfits_one_batch(tmp_path, dataset):
     config = micro_config(tmp_path)
     mesh = training.data_mesh()
-    batch = {"images": jnp.asarray(dataset.images[:8]), "labels": jnp.asarray(dataset.labels[:8])}
+    batch = training.Batches(dataset, 8, config.seed, mesh).one(0)  # sharded as train() shards it
     state = training.init_state(MICRO, config, mesh)
     p_0 = [np.asarray(x) for x in jax.tree.leaves(state.params)]  # the step donates its input
     step = training.make_train_step(MICRO, config, mesh)
@@ -255,6 +256,23 @@ def test_refuses_another_model_or_other_settings_and_writes_nothing(runs):
         training.train(micro_config(root / "stranger"), progress=False)
     assert snapshot(directory) == before
     assert snapshot(root / "stranger") == {"notes.txt": b"mine"}
+
+
+def test_sigint_finishes_the_step_saves_a_checkpoint_and_raises(tmp_path, monkeypatch):
+    take = training.Batches.one
+
+    def one(self, step):  # Ctrl-C while the batch of step 3 is being built
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return take(self, step)
+
+    monkeypatch.setattr(training.Batches, "one", one)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(training.TrainingInterrupted, match="stopped by SIGINT at step 4") as e:
+        training.train(micro_config(tmp_path / "run", save_every=100), progress=False)
+    assert e.value.signum == signal.SIGINT and e.value.step == int(e.value.state.step) == 4
+    assert training.latest_step(tmp_path / "run") == 4  # not a checkpoint interval: saved for the signal
+    assert signal.getsignal(signal.SIGINT) is handler
 
 
 # --- load_checkpoint ---------------------------------------------------------------------------

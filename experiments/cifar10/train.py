@@ -1,6 +1,6 @@
 """Train a class-conditional U-Net on CIFAR-10 or shapes: `python -m experiments.cifar10 train`.
 
-    python -m experiments.cifar10 train --config tiny --dataset shapes     # a few minutes on a CPU
+    python -m experiments.cifar10 train --config tiny --dataset shapes     # ~10-30 minutes on 2 CPU cores
     python -m experiments.cifar10 train --config ddpm --dataset cifar10    # Ho et al. (2020), on GPUs
 
 Checkpoints go to --checkpoint-dir (default checkpoints/<config>-<dataset>). Running the same
@@ -20,13 +20,10 @@ from pathlib import Path
 
 PROG = "python -m experiments.cifar10 train"
 
-# Flag -> TrainConfig field, for the settings that default to the stored run, else the preset.
-SETTINGS = {
-    "steps": int, "batch_size": int, "lr": float, "warmup": int, "grad_clip": float, "ema": float,
-    "label_dropout": float, "seed": int, "num_examples": int, "save_every": int, "keep": int,
-    "steps_per_call": int, "log_every": int, "samples_per_class": int, "sample_steps": int,
-}
-FLAGS = ("flip", "bf16")
+# The TrainConfig fields set by flags of the same name; unset, they come from the resumed run,
+# else from the model config's preset (training.PRESETS), else TrainConfig's defaults.
+SETTINGS = ("steps", "batch_size", "lr", "warmup", "grad_clip", "ema", "label_dropout", "seed", "num_examples",
+            "save_every", "keep", "steps_per_call", "log_every", "samples_per_class", "sample_steps", "flip", "bf16")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,8 +85,8 @@ def config_from_args(a: argparse.Namespace):
         custom = stored.config  # a run of a config that is not in unet.CONFIGS: its own fields
     values = dict(training.PRESETS.get(model, training.PRESETS["ddpm"]))
     if stored:
-        values.update({k: v for k, v in stored.training.items() if k in SETTINGS or k in FLAGS})
-    values.update({k: getattr(a, k) for k in (*SETTINGS, *FLAGS) if getattr(a, k) is not None})
+        values.update({k: v for k, v in stored.training.items() if k in SETTINGS})
+    values.update({k: getattr(a, k) for k in SETTINGS if getattr(a, k) is not None})
     return training.TrainConfig(model=model, dataset=dataset, checkpoint_dir=directory,
                                 data_dir=a.data_dir, unet=custom, **values)
 
