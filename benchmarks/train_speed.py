@@ -294,7 +294,6 @@ def torch_worker(args) -> None:
         os.environ.pop("OMP_WAIT_POLICY", None)
     else:
         os.environ["OMP_WAIT_POLICY"] = wait_policy  # read by libgomp when torch loads
-    import numpy as np
     import torch
     import torch.nn.functional as F
 

@@ -134,7 +134,6 @@ def run(config: Config) -> dict:
     n_paths = min(config.paths_per_class, config.num_samples)
     path_index = (np.arange(K)[:, None] * config.num_samples + np.arange(n_paths)).ravel()
     path_classes = blocks.classes[path_index]
-    classes = jnp.asarray(blocks.classes)
 
     def record(x, log_post):
         """Per step: a few paths (first coordinate and posterior) and the mean posterior per class."""

@@ -11,7 +11,6 @@ and the rest renormalised:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Mapping, Sequence
 

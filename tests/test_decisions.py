@@ -1,6 +1,5 @@
 """Decision problems: the renormalised group posterior and its entropy, and validation."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -127,7 +127,6 @@ def analyze(
         block_weights = problem_weights
     n_paths = min(paths_per_class, samples_per_class)
     path_index = np.concatenate([np.flatnonzero(generating == c)[:n_paths] for c in np.unique(generating)])
-    groups = blocks.num_classes
     per_group = blocks.per_class
 
     def record(x, log_post):
