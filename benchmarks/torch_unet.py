@@ -203,7 +203,19 @@ class UNet(nn.Module):
             if i < len(self.upsample):
                 h = self.upsample[i](h)
         assert not hs
-        return self.conv_out(F.silu(self.norm_out(h)))
+        h = self.conv_out(F.silu(self.norm_out(h)))
+        if c.sigma_data is None:
+            return h
+        # the preconditioned output of jaxdiff_info.unet.preconditioning
+        abar = _alpha_bar(x.device)[t - 1].view(-1, 1, 1, 1)
+        s2, v = abar * c.sigma_data**2, 1.0 - abar
+        return torch.sqrt(v) / (s2 + v) * x + torch.sqrt(s2 / (s2 + v)) * h
+
+
+def _alpha_bar(device) -> torch.Tensor:
+    """alpha_bar_t, t = 1..1000, of the DDPM linear schedule (betas 1e-4 to 0.02)."""
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, 0).to(device=device, dtype=torch.float32)
 
 
 def count_params(model: nn.Module, *, include_class_embedding: bool = True) -> int:

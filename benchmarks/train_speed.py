@@ -8,7 +8,7 @@
 One training step, the same in both frameworks (that of jaxdiff_info.training):
 uint8 images -> [-1, 1], random horizontal flip, t ~ U{1..1000}, eps ~ N(0, I), each label
 replaced by the null label with probability 0.1, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
-(DDPM linear schedule), forward with dropout 0.1, MSE between eps and the prediction,
+(DDPM linear schedule), forward with the config's dropout (ddpm 0.1, tiny 0), MSE between eps and the prediction,
 backward, clip the global gradient norm to 1, Adam (lr 2e-4, constant), EMA of the weights.
 The batch of images (uniform noise, uint8) and its labels are fixed; everything random is
 drawn inside the step.

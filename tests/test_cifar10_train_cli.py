@@ -45,8 +45,8 @@ def cli(runs):
     return [sys.executable, "-c", CLI, json.dumps([[str(a) for a in args] for args in runs])]
 
 
-def run_cli(runs, env, timeout=600):
-    return subprocess.run(cli(runs), env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def run_cli(runs, env, timeout=600, cwd=REPO):
+    return subprocess.run(cli(runs), env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -103,13 +103,15 @@ def test_same_command_resumes_and_finishes(interrupted, env, tmp_path):
     step = training.latest_step(directory)
     copy = tmp_path / "run"
     shutil.copytree(directory, copy)
-    # no model, data or optimiser flags: they come from the run being resumed
-    proc = run_cli([["train", "--checkpoint-dir", copy, "--steps", step + 2, "--no-progress"]], env)
+    # no model, data or optimiser flags: they come from the run being resumed; the directory
+    # is relative, as the CLI's default checkpoints/<config>-<dataset> is
+    proc = run_cli([["train", "--checkpoint-dir", "run", "--steps", step + 2, "--no-progress"]], env,
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resuming from the checkpoint of step {step} in {copy}" in proc.stderr
+    assert f"resuming from the checkpoint of step {step} in run" in proc.stderr
     assert f"trained micro on shapes to step {step + 2}" in proc.stdout
     grid = copy / "samples" / f"step_{step + 2:07d}.png"
-    assert f"samples: {grid}" in proc.stdout and grid.is_file()
+    assert f"samples: {grid.relative_to(tmp_path)}" in proc.stdout and grid.is_file()
     assert training.latest_step(copy) == step + 2
     stored = json.loads((copy / "config.json").read_text())["training"]
     assert (stored["batch_size"], stored["num_examples"], stored["lr"]) == (8, 40, 1e-3)

@@ -1,8 +1,8 @@
 """Tests of the class-conditional DDPM U-Net (jaxdiff_info.unet)."""
 
+import dataclasses
 import functools
 import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxdiff_info import unet
+from jaxdiff_info import mixture, unet
+from jaxdiff_info.schedule import alpha_bar_at, linear_schedule
 
 # A network of the full form (down path, middle, up path, attention in all
 # three) that compiles quickly: 16x16 images, resolutions 16 and 8, attention at 8.
@@ -401,20 +402,34 @@ def test_bfloat16_compute():
 
 
 @pytest.mark.slow
-def test_tiny_training_step_is_fast():
-    config = unet.get_config("tiny")
-    p = random_params(config, 0)
-    x, t, k = inputs(config, 64)
 
-    @jax.jit
-    def step(p, key):
-        return jax.grad(lambda p: jnp.mean(
-            (unet.apply(config, p, x, t, k, dropout_key=key) - x) ** 2))(p)
 
-    jax.block_until_ready(step(p, rbg_key(0)))
-    times = []
-    for i in range(5):
-        start = time.perf_counter()
-        jax.block_until_ready(step(p, rbg_key(i)))
-        times.append(time.perf_counter() - start)
-    assert np.median(times) < 1.0
+# ----------------------------------------------------------------------------
+# The preconditioned output (UNetConfig.sigma_data)
+# ----------------------------------------------------------------------------
+
+
+def test_preconditioned_network_starts_at_the_exact_eps_of_gaussian_data():
+    """F = 0 at initialisation, so eps = c_skip x_t: the exact eps of data N(0, sigma_data^2 I),
+    here computed as a one-component mixture."""
+    config = dataclasses.replace(MINI, sigma_data=0.5)
+    init = unet.init_params(config, rbg_key(3))
+    x, t, k = inputs(config, 4)
+    eps = _apply(config, init, x, t, k)
+    gaussian = mixture.make_mixture(np.zeros((1, x[0].size)), [0.5])
+    schedule = linear_schedule(1000)
+    expected = jax.vmap(lambda x, t: mixture.eps(gaussian, x.ravel(), alpha_bar_at(schedule, t), 0))(x, t)
+    np.testing.assert_allclose(eps.reshape(expected.shape), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_preconditioned_output_is_the_raw_output_scaled_by_c_out(params):
+    """The same parameters with and without sigma_data: eps - c_skip x_t = c_out F."""
+    config = dataclasses.replace(SMALL, sigma_data=0.7)
+    x, t, k = inputs(SMALL, 4)
+    raw = _apply(SMALL, params, x, t, k)
+    c_skip, c_out = unet.preconditioning(t, 0.7)
+    np.testing.assert_allclose(_apply(config, params, x, t, k), c_skip * x + c_out * raw, rtol=1e-5, atol=1e-6)
+    # c_out is the standard deviation of eps given the best linear prediction: at small t
+    # nearly 1 (F is eps), at large t nearly sqrt(abar) sigma_data (F is about -x_0 / sigma_data).
+    abar = alpha_bar_at(linear_schedule(1000), t)
+    np.testing.assert_allclose(c_out.ravel() ** 2, 1 - (1 - abar) / (abar * 0.49 + 1 - abar), rtol=1e-4)
