@@ -122,14 +122,19 @@ def posterior_heatmap_figure(time: np.ndarray, mean_posterior: np.ndarray, class
     """For each generating class, the average P(k | x_t) over its trajectories as a heat map
     (classes k down, normalised time across). mean_posterior: (T, C, K)."""
     C, K = mean_posterior.shape[1:]
+    cols = min(C, 4)
     fig, axes = _grid(C, width=3.2, height=2.4)
+    fig.set_layout_engine("constrained")
     for c, ax in enumerate(axes):
         im = ax.imshow(mean_posterior[:, c, :].T, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis",
                        extent=(time[0], time[-1], -0.5, K - 0.5), interpolation="nearest")
         ax.set_yticks(range(K))
-        ax.set_yticklabels(class_names, fontsize=6)
+        # class names on the first column only, the time axis under the lowest panels only
+        ax.set_yticklabels(class_names if c % cols == 0 else [], fontsize=6)
         ax.set_title(f"generated from {class_names[c]}" if C == K else "unconditional", fontsize=9)
-        ax.set_xlabel("t/T")
+        if c + cols >= C:
+            ax.set_xlabel("t/T")
+            ax.tick_params(labelbottom=True)
     fig.colorbar(im, ax=list(axes), shrink=0.8, label="mean P(k | x_t)")
     return fig
 
