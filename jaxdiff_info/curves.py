@@ -104,6 +104,31 @@ def local_peaks(time: np.ndarray, rate: np.ndarray, min_height: float = 0.2, min
     return peaks
 
 
+def half_entropy_time(time: jax.Array, entropy_bits: jax.Array) -> jax.Array:
+    """(..., P) the time by which half of the entropy is resolved, from (..., T, P) curves.
+
+    The threshold is half of H at the noisiest time on the grid (``time`` ascending, so the
+    last entry, where H is the prior entropy up to the signal left at t = T). The result is
+    the largest t at which H(t) <= threshold, refined to the crossing by linear interpolation
+    between grid points: the first time, in generation order, that H reaches half. It is 0
+    when H stays above half to the end, and the noisiest time when H is already at or below
+    half there (a prior entropy of 0). Unlike the rate's argmax it does not land on the end
+    of the grid when a decision is spread out or still going at t = 0.
+    """
+    T = entropy_bits.shape[-2]
+    h = jnp.moveaxis(entropy_bits, -2, -1)  # (..., P, T)
+    threshold = h[..., -1:] / 2.0
+    below = h <= threshold
+    i = T - 1 - jnp.argmax(below[..., ::-1], axis=-1)  # last index at or below the threshold
+    j = jnp.minimum(i + 1, T - 1)
+    h_i = jnp.take_along_axis(h, i[..., None], -1)[..., 0]
+    h_j = jnp.take_along_axis(h, j[..., None], -1)[..., 0]
+    t_i, t_j = time[i], time[j]
+    frac = jnp.where(h_j > h_i, (threshold[..., 0] - h_i) / jnp.where(h_j > h_i, h_j - h_i, 1.0), 0.0)
+    crossing = t_i + jnp.clip(frac, 0.0, 1.0) * (t_j - t_i)
+    return jnp.where(below.any(axis=-1), crossing, 0.0)
+
+
 # --- bootstrap over blocks of trajectories --------------------------------------------------
 
 def class_entropy_from_blocks(block_sums: jax.Array, block_counts: jax.Array) -> jax.Array:
@@ -129,8 +154,10 @@ def bootstrap_class_entropy(key: jax.Array, block_sums: jax.Array, block_counts:
 class Curves:
     """The curves of one estimator, for every decision problem (host arrays).
 
-    time (T,); entropy_bits, entropy_rate (T, P); peak_time (P,); and, for Monte Carlo
-    estimators, 95% bootstrap intervals: *_ci95 (2, T, P) and peak_time_ci95 (2, P).
+    time (T,); entropy_bits, entropy_rate (T, P); peak_time (P,), the argmax of the rate;
+    half_time (P,), when half of the entropy is resolved (``half_entropy_time``); and, for
+    Monte Carlo estimators, 95% bootstrap intervals: *_ci95 (2, T, P), peak_time_ci95 and
+    half_time_ci95 (2, P).
     """
 
     time: np.ndarray
@@ -138,20 +165,23 @@ class Curves:
     entropy_bits: np.ndarray
     entropy_rate: np.ndarray
     peak_time: np.ndarray
+    half_time: np.ndarray
     entropy_bits_ci95: np.ndarray | None = None
     entropy_rate_ci95: np.ndarray | None = None
     peak_time_ci95: np.ndarray | None = None
+    half_time_ci95: np.ndarray | None = None
 
 
 @functools.partial(jax.jit, static_argnames="num_resamples")
-def _curves(rate_op, class_entropy, class_weights, key, block_sums, block_counts, num_resamples):
-    """Entropy, rate and peak of the point estimate and of bootstrap resamples, in one program."""
+def _curves(time, rate_op, class_entropy, class_weights, key, block_sums, block_counts, num_resamples):
+    """Entropy, rate, peak and half-entropy time of the point estimate and of bootstrap
+    resamples, in one program."""
     time_index = jnp.arange(rate_op.shape[0])
 
     def summarise(ce):
         h = problem_entropy(ce, class_weights)
         r = jnp.einsum("st,...tp->...sp", rate_op, h, precision=jax.lax.Precision.HIGHEST)
-        return h, r, jnp.argmax(r, axis=-2)
+        return h, r, jnp.argmax(r, axis=-2), half_entropy_time(time, h)
 
     point = summarise(class_entropy)
     if block_sums is None:
@@ -159,7 +189,7 @@ def _curves(rate_op, class_entropy, class_weights, key, block_sums, block_counts
     boot = summarise(bootstrap_class_entropy(key, block_sums, block_counts, num_resamples))
     q = jnp.array([2.5, 97.5])
     return point, tuple(jnp.percentile(a, q, axis=0) for a in boot[:2]) + (
-        jnp.percentile(time_index[boot[2]], q, axis=0),)
+        jnp.percentile(time_index[boot[2]], q, axis=0), jnp.percentile(boot[3], q, axis=0))
 
 
 def curves_from_profiles(time: np.ndarray, class_entropy: jax.Array, class_weights: np.ndarray, bandwidth: float = 0.0) -> Curves:
@@ -186,12 +216,14 @@ def _assemble(time, class_entropy, class_weights, bandwidth, key=None, block_sum
     time = np.asarray(time)
     rate_op = jnp.asarray(rate_operator(time, bandwidth), jnp.float32)
     args = (jnp.asarray(block_sums), jnp.asarray(block_counts)) if block_sums is not None else (None, None)
-    (h, r, peak), ci = _curves(rate_op, jnp.asarray(class_entropy), jnp.asarray(class_weights, jnp.float32), key,
-                               *args, num_resamples)
-    curves = Curves(time, np.asarray(class_entropy), np.asarray(h), np.asarray(r), time[np.asarray(peak)])
+    (h, r, peak, half), ci = _curves(jnp.asarray(time, jnp.float32), rate_op, jnp.asarray(class_entropy),
+                                     jnp.asarray(class_weights, jnp.float32), key, *args, num_resamples)
+    curves = Curves(time, np.asarray(class_entropy), np.asarray(h), np.asarray(r), time[np.asarray(peak)],
+                    np.asarray(half, np.float64))
     if ci is None:
         return curves
-    h_ci, r_ci, peak_ci = (np.asarray(a) for a in ci)
+    h_ci, r_ci, peak_ci, half_ci = (np.asarray(a) for a in ci)
     # percentiles of step indices, read off on the time grid
     peak_ci = np.interp(peak_ci, np.arange(time.shape[0]), time)
-    return dataclasses.replace(curves, entropy_bits_ci95=h_ci, entropy_rate_ci95=r_ci, peak_time_ci95=peak_ci)
+    return dataclasses.replace(curves, entropy_bits_ci95=h_ci, entropy_rate_ci95=r_ci, peak_time_ci95=peak_ci,
+                               half_time_ci95=half_ci)

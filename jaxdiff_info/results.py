@@ -82,6 +82,8 @@ def problem_summary(
         "peak_time": {},
         "peak_time_ci95": {},
         "peaks": {},
+        "half_time": {},
+        "half_time_ci95": {},
         "entropy_bits_ci95": {},
         "entropy_rate_ci95": {},
     }
@@ -90,8 +92,10 @@ def problem_summary(
         entry["entropy_rate"][name] = _round(c.entropy_rate[:, index])
         entry["peak_time"][name] = round(float(c.peak_time[index]), 6)
         entry["peaks"][name] = [round(p, 6) for p in local_peaks(time, c.entropy_rate[:, index])]
+        entry["half_time"][name] = round(float(c.half_time[index]), 6)
         if c.peak_time_ci95 is not None:
             entry["peak_time_ci95"][name] = _round(c.peak_time_ci95[:, index])
+            entry["half_time_ci95"][name] = _round(c.half_time_ci95[:, index])
             entry["entropy_bits_ci95"][name] = _round(c.entropy_bits_ci95[:, :, index])
             entry["entropy_rate_ci95"][name] = _round(c.entropy_rate_ci95[:, :, index])
     return entry
@@ -101,8 +105,8 @@ def curves_arrays(curves: Mapping[str, Curves]) -> dict[str, np.ndarray]:
     """Every curve as a flat dict of arrays for an NPZ file, keys '<estimator>/<field>'."""
     arrays: dict[str, np.ndarray] = {}
     for name, c in curves.items():
-        for field in ("class_entropy_bits", "entropy_bits", "entropy_rate", "peak_time",
-                      "entropy_bits_ci95", "entropy_rate_ci95", "peak_time_ci95"):
+        for field in ("class_entropy_bits", "entropy_bits", "entropy_rate", "peak_time", "half_time",
+                      "entropy_bits_ci95", "entropy_rate_ci95", "peak_time_ci95", "half_time_ci95"):
             value = getattr(c, field)
             if value is not None:
                 arrays[f"{name}/{field}"] = np.asarray(value)

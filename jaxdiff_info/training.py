@@ -859,15 +859,18 @@ def _quiet_aborted_reads() -> None:
 
     When one read of a restore fails, orbax closes its event loop while other reads are in
     flight; each then reports RuntimeError('Event loop is closed') as an unraisable exception,
-    a traceback on stderr around the one-line error we report. Exactly those are dropped.
+    or, when it fails too, its own read error from a coroutine nobody awaits any more: a
+    traceback on stderr around the one-line error we report. Exactly those are dropped.
     """
     previous = sys.unraisablehook
     if getattr(previous, "quiet_aborted_reads", False):
         return
 
     def hook(unraisable):
-        e = unraisable.exc_value
-        if not (unraisable.object is None and isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+        e, obj = unraisable.exc_value, unraisable.object
+        loop_closed = obj is None and isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+        orphan_read = getattr(obj, "__name__", None) == "_read_array_index_and_device_put"
+        if not (loop_closed or orphan_read):
             previous(unraisable)
 
     hook.quiet_aborted_reads = True

@@ -46,6 +46,8 @@ def test_mixture_behind_the_network_interface_gives_the_mixture_curves(mixture_a
     np.testing.assert_allclose(res.curves.peak_time[1:], exact.peak_time[1:], atol=0.04)
     # the hierarchy: the coarse decision (left vs right) comes before the fine one in generation
     assert res.curves.peak_time[1] > res.curves.peak_time[2] + 0.2
+    np.testing.assert_allclose(res.curves.half_time, exact.half_time, atol=0.03)
+    assert res.curves.half_time[1] > res.curves.half_time[2] + 0.2
     # per-class profiles average to the class-label curve
     np.testing.assert_allclose(res.class_curves.entropy_bits.mean(axis=1), res.curves.entropy_bits[:, 0], atol=1e-5)
     # every trajectory ends on its own point; posteriors are distributions

@@ -130,7 +130,29 @@ def test_three_estimators_agree(unequal):
         assert np.mean((lo - 0.01 <= exact.entropy_bits) & (exact.entropy_bits <= hi + 0.01)) > 0.9
         assert np.all(est.peak_time_ci95[0] <= est.peak_time + 1e-6)
         assert np.all(est.peak_time <= est.peak_time_ci95[1] + 1e-6)
+        # half-entropy times: close to the exact ones, inside their own intervals
+        np.testing.assert_allclose(est.half_time, exact.half_time, atol=0.02)
+        assert np.all(est.half_time_ci95[0] <= est.half_time + 1e-6)
+        assert np.all(est.half_time <= est.half_time_ci95[1] + 1e-6)
     assert np.all(np.isfinite(onl.entropy_rate)) and np.all(np.isfinite(fmc.entropy_rate))
+
+
+def test_half_entropy_time_on_curves_with_known_crossings():
+    time = np.linspace(0.01, 1.0, 100)
+    curves = np.stack([
+        2.0 * time,                                   # linear: crosses 1.0 at exactly t = 0.5
+        2.0 * time**2,                                # crosses at 1 / sqrt(2), between grid points
+        np.full_like(time, 1.5),                      # never halves: 0
+        np.zeros_like(time),                          # no prior entropy: the noisiest time
+        np.where(np.abs(time - 0.8) < 0.02, 0.2, 1.0 + 0.0 * time) * np.minimum(1.0, 5 * time),  # dips at 0.8 first
+    ], axis=-1)
+    half = np.asarray(C.half_entropy_time(jnp.asarray(time), jnp.asarray(curves)))
+    np.testing.assert_allclose(half[:2], [0.5, 1 / math.sqrt(2)], atol=2e-4)
+    assert half[2] == 0.0 and half[3] == pytest.approx(1.0)
+    assert 0.8 < half[4] < 0.83  # the first crossing in generation order, not the last
+    # a batch axis in front (bootstrap resamples) gives the same per-curve answers
+    batched = C.half_entropy_time(jnp.asarray(time), jnp.stack([jnp.asarray(curves)] * 3))
+    np.testing.assert_allclose(batched, np.stack([half] * 3))
 
 
 def test_online_generates_the_data_distribution(unequal):

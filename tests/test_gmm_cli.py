@@ -28,14 +28,17 @@ def test_writes_every_output_with_the_documented_schema(default_run):
     for p in summary["problems"]:
         assert p["groups"] == gmm.PAPER_SPEC["decisions"][p["name"]]
         assert len(p["time"]) == 100 and p["time"][0] == pytest.approx(0.01) and p["time"][-1] == pytest.approx(1.0)
-        for field in ("entropy_bits", "entropy_rate", "peak_time"):
+        for field in ("entropy_bits", "entropy_rate", "peak_time", "half_time"):
             assert set(p[field]) == {"exact", "forward_mc", "online"}
         for est in ("exact", "forward_mc", "online"):
             assert len(p["entropy_bits"][est]) == 100 and np.all(np.isfinite(p["entropy_rate"][est]))
             assert 0 < p["peak_time"][est] <= 1
+            assert 0 < p["half_time"][est] <= 1
         for est in ("forward_mc", "online"):
             lo, hi = p["peak_time_ci95"][est]
             assert lo <= hi
+            lo, hi = p["half_time_ci95"][est]
+            assert lo <= p["half_time"][est] <= hi
             assert np.shape(p["entropy_bits_ci95"][est]) == (2, 100)
         assert p["entropy_bits"]["online"][-1] == pytest.approx(p["prior_entropy_bits"], abs=1e-5)
     arrays = np.load(default_run / "curves.npz")

@@ -401,9 +401,6 @@ def test_bfloat16_compute():
     assert 0 < err < 5e-2            # computed in bfloat16, and close to float32
 
 
-@pytest.mark.slow
-
-
 # ----------------------------------------------------------------------------
 # The preconditioned output (UNetConfig.sigma_data)
 # ----------------------------------------------------------------------------

@@ -220,8 +220,10 @@ def run_from_args(a: argparse.Namespace) -> int:
         return 2
     print(f"wrote {', '.join(OUTPUTS)} to {config.out}/ in {time.perf_counter() - start:.1f} s")
     for problem in summary["problems"]:
-        ci = problem["peak_time_ci95"].get("online", [float("nan")] * 2)
-        print(f"  {problem['name']:<24s} peak t/T {problem['peak_time']['online']:.3f}  (95% CI {ci[0]:.3f}-{ci[1]:.3f})")
+        ci = problem["peak_time_ci95"]["online"]
+        half, half_ci = problem["half_time"]["online"], problem["half_time_ci95"]["online"]
+        print(f"  {problem['name']:<24s} peak t/T {problem['peak_time']['online']:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}),"
+              f"  half of H resolved at t/T {half:.3f} (95% CI {half_ci[0]:.3f}-{half_ci[1]:.3f})")
     return 0
 
 
@@ -279,7 +281,9 @@ def write_outputs(out: Path, result: Analysis, class_names: Sequence[str], setti
              "entropy_bits": np.round(cc.entropy_bits[:, k], 6).tolist(),
              "entropy_rate": np.round(cc.entropy_rate[:, k], 6).tolist(),
              "peak_time": round(float(cc.peak_time[k]), 6),
-             "peak_time_ci95": np.round(cc.peak_time_ci95[:, k], 6).tolist()}
+             "peak_time_ci95": np.round(cc.peak_time_ci95[:, k], 6).tolist(),
+             "half_time": round(float(cc.half_time[k]), 6),
+             "half_time_ci95": np.round(cc.half_time_ci95[:, k], 6).tolist()}
             for k, name in enumerate(class_names)]
     results.write_json(out / "summary.json", summary)
     arrays = {"time": result.time, "prior_entropy_bits": result.prior_entropy_bits,
