@@ -234,6 +234,7 @@ def online_block_sums(
         state, out = run(params, state, classes, jnp.asarray(ts))
         outputs.append(out)
         if progress is not None:
+            jax.block_until_ready(state)  # count the chunk when it is done, not when dispatched
             progress(int(np.count_nonzero(ts)))
         if after_chunk is not None:
             after_chunk(int(ts[ts > 0][-1]) - 1, state)
