@@ -37,6 +37,7 @@ def test_writes_every_output(checkpoint, tmp_path, capsys):
     assert summary["problems"][1]["groups"] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
     assert len(summary["classes"]) == 10 and summary["classes"][0]["name"] == "warm-disk"
     assert summary["schedule"] == {"steps": 4, "train_steps": 1000} and summary["weights"] == "ema"
+    assert "x_0 prediction clipped to +-1" in summary["sampler"]  # Ho et al.'s clip, on by default
     for p in summary["problems"]:
         assert len(p["time"]) == 4 and np.all(np.isfinite(p["entropy_rate"]["online"]))
         assert p["entropy_bits"]["online"][-1] == pytest.approx(p["prior_entropy_bits"], abs=1e-4)
@@ -91,3 +92,9 @@ def test_refuses_to_overwrite(checkpoint, tmp_path, capsys):
     code, err = _run_expect_2(["--checkpoint", str(checkpoint), "--out", str(out)] + ARGS, capsys)
     assert code == 2 and "--overwrite" in err
     assert (out / "summary.json").read_text() == "{}"
+
+
+def test_no_clip_turns_the_clip_off(checkpoint, tmp_path):
+    out = tmp_path / "analysis"
+    assert main(["analyze", "--checkpoint", str(checkpoint), "--out", str(out), "--no-clip"] + ARGS) == 0
+    assert "clipped" not in json.loads((out / "summary.json").read_text())["sampler"]

@@ -252,7 +252,7 @@ def run(config: AnalyzeConfig) -> dict:
     result = analyze(
         unet.make_eps_fn(model.config), model.params, schedule, num_classes=K, problems=problems, shape=shape,
         samples_per_class=config.samples_per_class, key=jax.random.key(config.seed), variance=config.variance,
-        generation=config.generation, guidance=config.guidance, batch_size=config.batch_size,
+        clip_x0=1.0 if config.clip_x0 else None, generation=config.generation, guidance=config.guidance, batch_size=config.batch_size,
         bandwidth=config.bandwidth, num_resamples=config.num_resamples, paths_per_class=config.paths_per_class,
         num_snapshots=config.num_snapshots, progress=bar.update)
     bar.close()
