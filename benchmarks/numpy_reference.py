@@ -1,7 +1,7 @@
 """A plain NumPy implementation of the online Bayesian classifier on a Gaussian mixture.
 
 The same estimator as `jaxdiff_info.tracking.Tracker` + `jaxdiff_info.estimators.online_block_sums`
-(see ../shared/method.md, "Online Bayesian classifier"), written the obvious way: a Python loop
+(see docs/method.md, "Estimator 3: the online Bayesian classifier"), written the obvious way: a Python loop
 over the reverse steps t = T..1, vectorised over the N trajectories and the K classes.
 
 Per step, for trajectories x (N, d) generated with fixed classes c (N,):

@@ -488,7 +488,7 @@ def experiment_phases(log: Log) -> None:
     own (JAXDIFF_INFO_CACHE), so point it at an empty folder for a cold run."""
     import shutil
 
-    from jaxdiff_info import curves, plots, results
+    from jaxdiff_info import api, plots, results
     import experiments.gmm as experiment
 
     events: dict[str, list[float]] = {}
@@ -515,7 +515,7 @@ def experiment_phases(log: Log) -> None:
     for name in ("quadrature_class_entropy", "forward_mc_block_sums", "online_block_sums"):
         wrap(estimators, name)
     for name in ("curves_from_blocks", "curves_from_profiles"):
-        wrap(curves, name)
+        wrap(api, name)  # as the research API calls them
     wrap(results, "save_figure")
     wrap(experiment, "_density_figure")
     for name in ("curves_figure", "posterior_paths_figure"):

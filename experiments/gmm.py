@@ -9,7 +9,6 @@ posterior_paths.png, density.png. See the README for the schema.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -20,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from experiments import enable_compilation_cache
+from experiments.cli import Parser, describe_times, report_written, run_command
 
 OUTPUTS = ("summary.json", "curves.npz", "entropy_rate.png", "entropy.png", "posterior_paths.png", "density.png")
 
@@ -104,73 +104,58 @@ def build_problem(spec: dict):
 def run(config: Config) -> dict:
     """Compute every estimator, write the result files, and return the summary."""
     import jax
-    import jax.numpy as jnp
     from tqdm import tqdm
 
-    from jaxdiff_info import curves as C
-    from jaxdiff_info import decisions, estimators, mixture, plots, results
-    from jaxdiff_info.schedule import Sampler, make_schedule
-    from jaxdiff_info.tracking import Tracker
+    import jaxdiff_info as jdi
+    from jaxdiff_info import plots, results
+    from jaxdiff_info.schedule import make_schedule
 
     mix, problems = build_problem(config.spec)
     schedule = make_schedule(config.schedule, config.steps)
-    sampler = Sampler("ddpm", config.variance)
-    blocks = estimators.make_blocks(mix.num_components, config.num_samples, config.num_blocks)
+    sampler = jdi.Sampler("ddpm", config.variance)
     if config.bandwidth < 0 or not np.isfinite(config.bandwidth):
         raise ValueError(f"--bandwidth must be a finite number >= 0, got {config.bandwidth}")
     if config.save_every < 0:
         raise ValueError(f"--save-every must be >= 0, got {config.save_every}")
-    outputs = OUTPUTS + (("trajectories.npz",) if config.save_every else ())
-    out = results.prepare_output_dir(config.out, outputs, config.overwrite)
+    if isinstance(config.num_samples, bool) or int(config.num_samples) != config.num_samples or config.num_samples < 1:
+        raise ValueError(f"the number of samples per class must be an integer >= 1, got {config.num_samples}")
+    out = results.prepare_output_dir(config.out, summary_outputs(config), config.overwrite)
 
     K = mix.num_components
     time_grid = np.asarray(schedule.time)
-    weights = np.asarray(mix.weights, np.float64)
-    membership = decisions.membership(problems, K)
-    class_weights = decisions.class_weights(problems, weights)
-    prior = decisions.prior_entropy_bits(problems, weights)
     key_fmc, key_online, key_boot = jax.random.split(jax.random.key(config.seed), 3)
+    mc = dict(samples_per_class=config.num_samples, bandwidth=config.bandwidth, num_resamples=config.num_resamples,
+              num_blocks=config.num_blocks)
 
-    n_paths = min(config.paths_per_class, config.num_samples)
-    path_index = (np.arange(K)[:, None] * config.num_samples + np.arange(n_paths)).ravel()
-    path_classes = blocks.classes[path_index]
-
-    def record(x, log_post):
-        """Per step: a few paths (first coordinate and posterior) and the mean posterior per class."""
-        mean_post = blocks.sums(jnp.exp(log_post)).sum(axis=1) / config.num_samples
-        return x[path_index, 0], log_post[path_index], mean_post
-
-    curves: dict[str, C.Curves] = {}
+    curves: dict[str, jdi.Curves] = {}
     bar = tqdm(total=2 * config.steps + (config.steps if mix.dim == 1 else 0), unit="step",
                desc="gmm", disable=not config.progress, file=sys.stderr)
     if mix.dim == 1:
         bar.set_postfix_str("exact (quadrature)")
-        exact = estimators.quadrature_class_entropy(mix, schedule, membership)
-        curves["exact"] = C.curves_from_profiles(time_grid, exact, class_weights)
+        curves["exact"] = jdi.exact_curves(mix, problems, schedule)
         bar.update(config.steps)
 
     bar.set_postfix_str("forward Monte Carlo")
-    fmc = estimators.forward_mc_block_sums(mix, schedule, membership, blocks, key_fmc)
-    curves["forward_mc"] = C.curves_from_blocks(
-        jax.random.fold_in(key_boot, 0), time_grid, fmc, blocks.counts, class_weights, config.bandwidth, config.num_resamples)
+    curves["forward_mc"] = jdi.forward_mc_curves(mix, problems, schedule, key=key_fmc,
+                                                 bootstrap_key=jax.random.fold_in(key_boot, 0), **mc)
     bar.update(config.steps)
 
     bar.set_postfix_str("online classifier")
-    tracker = Tracker(mixture.eps_fn(schedule, with_null=False), schedule, sampler, K, batch_size=2048)
     saved: list = []
 
     def save(t, state):
         saved.append((t, np.asarray(state.x), np.asarray(state.log_posterior)))
 
-    online = estimators.online_block_sums(
-        tracker, mix, mix.log_weights, (mix.dim,), membership, blocks, key_online,
-        record=record, chunk=config.save_every or max(1, config.steps // 20), progress=bar.update,
-        after_chunk=save if config.save_every else None)
-    curves["online"] = C.curves_from_blocks(
-        jax.random.fold_in(key_boot, 1), time_grid, online.block_sums, blocks.counts, class_weights, config.bandwidth,
-        config.num_resamples)
+    online = jdi.online_curves(
+        mix, problems, schedule, key=key_online, sampler=sampler, bootstrap_key=jax.random.fold_in(key_boot, 1),
+        paths_per_class=config.paths_per_class, record_x=True, batch_size=2048,
+        chunk=config.save_every or max(1, config.steps // 20), progress=bar.update,
+        after_chunk=save if config.save_every else None, **mc)
+    curves["online"] = online
     bar.close()
-    paths_x, paths_log_post, mean_post = online.paths
+    run = online.trajectories
+    paths_x = run.path_x[..., 0]  # (T, M): the first coordinate of the recorded paths
+    path_classes = run.classes[run.path_index]
 
     for name, c in curves.items():
         for field in ("entropy_bits", "entropy_rate"):
@@ -181,24 +166,25 @@ def run(config: Config) -> dict:
         "mixture": {
             "means": np.asarray(mix.means).tolist(),
             "stds": np.asarray(mix.stds).tolist(),
-            "weights": weights.tolist(),
+            "weights": np.asarray(mix.weights, np.float64).tolist(),
         },
         "schedule": {"name": config.schedule, "steps": config.steps},
         "sampler": sampler.describe(),
         "num_samples_per_class": config.num_samples,
         "seed": config.seed,
-        "rate_bandwidth": {"exact": 0.0, "forward_mc": config.bandwidth, "online": config.bandwidth},
+        "rate_bandwidth": {name: c.rate_bandwidth for name, c in curves.items()},
         "estimators": list(curves),
-        "problems": [results.problem_summary(i, p, prior[i], curves) for i, p in enumerate(problems)],
+        "methods": results.methods(curves),
+        "problems": [results.problem_summary(i, curves) for i in range(len(problems))],
     }
     results.write_json(out / "summary.json", summary)
     results.write_npz(out / "curves.npz", {
         "time": time_grid,
-        "prior_entropy_bits": prior,
-        "problem_names": np.array([p.name for p in problems]),
-        "paths/x": paths_x, "paths/log_posterior": paths_log_post, "paths/classes": path_classes,
-        "mean_posterior": mean_post,
-        "x_0": online.x_0, "x_0_classes": blocks.classes,
+        "prior_entropy_bits": online.prior_entropy_bits,
+        "problem_names": np.array(online.names),
+        "paths/x": paths_x, "paths/log_posterior": run.path_log_posterior, "paths/classes": path_classes,
+        "mean_posterior": run.mean_posterior,
+        "x_0": run.x_0, "x_0_classes": run.classes,
         **results.curves_arrays(curves),
     })
 
@@ -207,19 +193,29 @@ def run(config: Config) -> dict:
         results.write_npz(out / "trajectories.npz", {
             "t": steps, "time": np.where(steps > 0, time_grid[np.maximum(steps - 1, 0)], 0.0),
             "x": np.stack([x for _, x, _ in saved]), "log_posterior": np.stack([lp for _, _, lp in saved]),
-            "classes": blocks.classes})
+            "classes": run.classes})
 
     class_names = [_component_name(mix, k) for k in range(K)]
+    title = (f"{_mixture_title(mix)}; online: {sampler.describe()}; {config.num_samples} trajectories per class "
+             f"(Monte Carlo estimators), {config.steps} steps")
     figures = {
-        "entropy_rate.png": plots.curves_figure(problems, curves, "entropy_rate", "dH/d(t/T)  [bits]"),
-        "entropy.png": plots.curves_figure(problems, curves, "entropy_bits", "H(Z | X_t)  [bits]"),
-        "posterior_paths.png": plots.posterior_paths_figure(time_grid, paths_log_post, path_classes, mean_post, class_names),
+        "entropy_rate.png": plots.curves_figure(curves, "entropy_rate", title),
+        "entropy.png": plots.curves_figure(curves, "entropy_bits", title),
+        "posterior_paths.png": plots.posterior_paths_figure(time_grid, run.path_log_posterior, path_classes,
+                                                            run.mean_posterior, class_names, config.num_samples),
         "density.png": _density_figure(mix, schedule, time_grid, paths_x, path_classes),
     }
     for name, fig in figures.items():
         results.save_figure(fig, out / name)
         plots.plt.close(fig)
     return summary
+
+
+def _mixture_title(mix) -> str:
+    means = np.asarray(mix.means)
+    if means.shape[1] == 1:
+        return f"{mix.num_components} components at {', '.join(f'{m:g}' for m in means[:, 0])}"
+    return f"{mix.num_components} components in d = {means.shape[1]}"
 
 
 def _component_name(mix, k: int) -> str:
@@ -246,30 +242,28 @@ def _density_figure(mix, schedule, time_grid, paths_x, path_classes):
 
 # --- CLI ---------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
+PROG = "python -m experiments.gmm"
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
-    p = _Parser(prog="python -m experiments.gmm", description=__doc__.split("\n\n")[0])
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--spec", type=str, default=None,
-                   help='mixture JSON: {"means": [...], "stds": [...], "weights": [...], "decisions": {name: [[...], ...]}}; '
-                        "default: the paper's points at -8, -4, 6, 8")
+                   help='mixture JSON: {"means": [...], "stds": [...], "weights": [...], "decisions": {name: [[...], ...]}} '
+                        "(default: the paper's points at -8, -4, 6, 8 and its eight decision problems)")
     p.add_argument("--num-samples", type=int, default=Config.num_samples,
-                   help="trajectories per class for each Monte Carlo estimator (default %(default)s)")
-    p.add_argument("--steps", type=int, default=Config.steps, help="diffusion steps T (default %(default)s)")
-    p.add_argument("--schedule", choices=["linear", "cosine"], default=Config.schedule)
+                   help="trajectories per class for each Monte Carlo estimator")
+    p.add_argument("--steps", type=int, default=Config.steps, help="diffusion steps T")
+    p.add_argument("--schedule", choices=["linear", "cosine"], default=Config.schedule, help="noise schedule")
     p.add_argument("--variance", choices=["small", "large"], default=Config.variance,
                    help="reverse-step variance: small = beta~_t (exact for point data), large = beta_t")
-    p.add_argument("--seed", type=int, default=Config.seed)
+    p.add_argument("--seed", type=int, default=Config.seed, help="seed of every random draw")
     p.add_argument("--bandwidth", type=float, default=Config.bandwidth,
-                   help="smoothing of Monte Carlo entropy rates, in normalised time (0 = none; default %(default)s)")
-    p.add_argument("--bootstrap", type=int, default=Config.num_resamples, help="bootstrap resamples (default %(default)s)")
+                   help="smoothing of the Monte Carlo entropy rates, in normalised time (0 = none)")
+    p.add_argument("--bootstrap", type=int, default=Config.num_resamples, help="bootstrap resamples")
     p.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="also write every online trajectory (x_t and log P(k | x_t)) every N-th step to "
-                        "trajectories.npz (default: off)")
-    p.add_argument("--out", type=Path, default=Config.out, help="output folder (default %(default)s)")
+                        "trajectories.npz (default: 0, off)")
+    p.add_argument("--out", type=Path, default=Config.out, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
@@ -294,16 +288,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     enable_compilation_cache()
     start = time.perf_counter()
-    try:
-        summary = run(config)
-    except ValueError as e:
-        print(f"python -m experiments.gmm: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {', '.join(OUTPUTS)} to {config.out}/ in {time.perf_counter() - start:.1f} s")
+    status, summary = run_command(PROG, lambda: run(config))
+    if status:
+        return status
+    report_written(summary_outputs(config), config.out, start)
     for problem in summary["problems"]:
-        peaks = ", ".join(f"{k} {v:.3f}" for k, v in problem["peak_time"].items())
-        print(f"  {problem['name']:<22s} H(Z) = {problem['prior_entropy_bits']:.3f} bits, peak t/T: {peaks}")
+        print(f"  {problem['name']:<22s} H(Z) = {problem['prior_entropy_bits']:.3f} bits")
+        for est in summary["estimators"]:
+            print(f"    {est:<11s} {describe_times(problem, est)}")
     return 0
+
+
+def summary_outputs(config: Config) -> tuple[str, ...]:
+    return OUTPUTS + (("trajectories.npz",) if config.save_every else ())
 
 
 if __name__ == "__main__":

@@ -4,16 +4,22 @@ confidence intervals.
 
 Per-class profile H_k(t) = E[h(P(z | x_t)) | class k]; for a problem over the classes S,
 H(Z | X_t) = sum_{k in S} pi_k / pi_S H_k(t).
+
+The formulas: docs/method.md, "The entropy rate", "Peak time, local peaks and half-entropy
+time", "The curves an estimator returns" and "Bootstrap intervals".
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxdiff_info.decisions import DecisionProblem, ProblemArrays
 
 
 def problem_entropy(class_entropy: jax.Array, class_weights: jax.Array) -> jax.Array:
@@ -151,15 +157,56 @@ def bootstrap_class_entropy(key: jax.Array, block_sums: jax.Array, block_counts:
 
 
 @dataclasses.dataclass(frozen=True)
-class Curves:
-    """The curves of one estimator, for every decision problem (host arrays).
+class ProblemCurves:
+    """The curves of one decision problem from one estimator: time (T,), entropy_bits and
+    entropy_rate (T,), peak_time and half_time (floats), and for Monte Carlo estimators
+    entropy_bits_ci95 and entropy_rate_ci95 (T, 2) and peak_time_ci95, half_time_ci95
+    (lo, hi); None for the exact estimator."""
 
-    time (T,); entropy_bits, entropy_rate (T, P); peak_time (P,), the argmax of the rate;
-    half_time (P,), when half of the entropy is resolved (``half_entropy_time``); and, for
-    Monte Carlo estimators, 95% bootstrap intervals: *_ci95 (2, T, P), peak_time_ci95 and
-    half_time_ci95 (2, P).
+    name: str
+    prior_entropy_bits: float
+    time: np.ndarray
+    entropy_bits: np.ndarray
+    entropy_rate: np.ndarray
+    peak_time: float
+    half_time: float
+    entropy_bits_ci95: np.ndarray | None
+    entropy_rate_ci95: np.ndarray | None
+    peak_time_ci95: tuple[float, float] | None
+    half_time_ci95: tuple[float, float] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Curves:
+    """What one estimator gives for a list of decision problems (host arrays).
+
+    Arrays are indexed by problem first: P problems, T steps (t/T ascending), K classes.
+
+    estimator:          "exact", "forward_mc" or "online"
+    method:             one line saying what was estimated and how (which posterior, which kernel)
+    problems:           the P DecisionProblems, in order; prior_entropy_bits (P,) H(Z)
+    time:               (T,) normalised time t/T of each step
+    class_entropy_bits: (P, K, T) per-class profiles H_k(t) = E[h(P(z | x_t)) | class k]
+    entropy_bits:       (P, T) H(Z | X_t) in bits
+    entropy_rate:       (P, T) dH/d(t/T) in bits per unit of t/T (smoothed with rate_bandwidth)
+    peak_time:          (P,) t/T of the largest rate
+    half_time:          (P,) t/T by which half of H(Z) is resolved (`half_entropy_time`);
+                        0 where H never halves (`halves` is False there)
+    *_ci95:             95% percentile-bootstrap intervals, Monte Carlo estimators only
+                        (None for the exact one): entropy_bits_ci95, entropy_rate_ci95 (P, T, 2);
+                        peak_time_ci95, half_time_ci95 (P, 2), each row (lo, hi)
+    rate_bandwidth:     smoothing of the rate in normalised time (0: finite differences)
+    trajectories:       the online estimator's generated trajectories (`estimators.OnlineRun`)
+    resampling:         the block sums (T, K, B, P) and block counts (K, B) the intervals were
+                        drawn from, and the bootstrap key (Monte Carlo estimators)
+
+    ``curves["6 vs 8"]`` gives one problem's curves (`ProblemCurves`).
     """
 
+    estimator: str
+    method: str
+    problems: tuple
+    prior_entropy_bits: np.ndarray
     time: np.ndarray
     class_entropy_bits: np.ndarray
     entropy_bits: np.ndarray
@@ -170,12 +217,40 @@ class Curves:
     entropy_rate_ci95: np.ndarray | None = None
     peak_time_ci95: np.ndarray | None = None
     half_time_ci95: np.ndarray | None = None
+    rate_bandwidth: float = 0.0
+    trajectories: Any = None
+    resampling: Any = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.problems)
+
+    @property
+    def halves(self) -> np.ndarray:
+        """(P,) bool: whether H(Z | X_t) reaches half of its value at the noisiest step."""
+        return self.half_time > 0
+
+    def index(self, name: str) -> int:
+        """The position of the problem called `name`."""
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise KeyError(f"no decision problem {name!r}; these are: {', '.join(self.names)}") from None
+
+    def __getitem__(self, name: str) -> ProblemCurves:
+        i = self.index(name)
+        pick = lambda a: None if a is None else a[i]  # noqa: E731
+        pair = lambda a: None if a is None else (float(a[i, 0]), float(a[i, 1]))  # noqa: E731
+        return ProblemCurves(name, float(self.prior_entropy_bits[i]), self.time, self.entropy_bits[i],
+                             self.entropy_rate[i], float(self.peak_time[i]), float(self.half_time[i]),
+                             pick(self.entropy_bits_ci95), pick(self.entropy_rate_ci95), pair(self.peak_time_ci95),
+                             pair(self.half_time_ci95))
 
 
 @functools.partial(jax.jit, static_argnames="num_resamples")
 def _curves(time, rate_op, class_entropy, class_weights, key, block_sums, block_counts, num_resamples):
     """Entropy, rate, peak and half-entropy time of the point estimate and of bootstrap
-    resamples, in one program."""
+    resamples, in one program (time-major: (T, P) and (T, K, P))."""
     time_index = jnp.arange(rate_op.shape[0])
 
     def summarise(ce):
@@ -192,9 +267,11 @@ def _curves(time, rate_op, class_entropy, class_weights, key, block_sums, block_
         jnp.percentile(time_index[boot[2]], q, axis=0), jnp.percentile(boot[3], q, axis=0))
 
 
-def curves_from_profiles(time: np.ndarray, class_entropy: jax.Array, class_weights: np.ndarray, bandwidth: float = 0.0) -> Curves:
-    """Curves of an estimator without sampling error (e.g. quadrature)."""
-    return _assemble(time, class_entropy, class_weights, bandwidth)
+def curves_from_profiles(time: np.ndarray, class_entropy: jax.Array, problems: ProblemArrays, *,
+                         estimator: str = "exact", method: str = "", bandwidth: float = 0.0) -> Curves:
+    """Curves of an estimator without sampling error (e.g. quadrature), from (T, K, P)
+    per-class profiles."""
+    return _assemble(time, class_entropy, problems, estimator, method, bandwidth)
 
 
 def curves_from_blocks(
@@ -202,28 +279,70 @@ def curves_from_blocks(
     time: np.ndarray,
     block_sums: jax.Array,
     block_counts: jax.Array,
-    class_weights: np.ndarray,
+    problems: ProblemArrays,
+    *,
     bandwidth: float,
     num_resamples: int = 200,
+    estimator: str,
+    method: str = "",
 ) -> Curves:
-    """Curves of a Monte Carlo estimator with 95% percentile-bootstrap intervals."""
+    """Curves of a Monte Carlo estimator with 95% percentile-bootstrap intervals, from
+    (T, K, B, P) block sums of h(P(z | x_t)) and (K, B) trajectories per block."""
     class_entropy = class_entropy_from_blocks(jnp.asarray(block_sums), jnp.asarray(block_counts))
-    return _assemble(time, class_entropy, class_weights, bandwidth, key, block_sums, block_counts, num_resamples)
+    return _assemble(time, class_entropy, problems, estimator, method, bandwidth, key, block_sums, block_counts,
+                     num_resamples)
 
 
-def _assemble(time, class_entropy, class_weights, bandwidth, key=None, block_sums=None, block_counts=None,
-              num_resamples=0) -> Curves:
+def _assemble(time, class_entropy, problems, estimator, method, bandwidth, key=None, block_sums=None,
+              block_counts=None, num_resamples=0) -> Curves:
     time = np.asarray(time)
     rate_op = jnp.asarray(rate_operator(time, bandwidth), jnp.float32)
     args = (jnp.asarray(block_sums), jnp.asarray(block_counts)) if block_sums is not None else (None, None)
     (h, r, peak, half), ci = _curves(jnp.asarray(time, jnp.float32), rate_op, jnp.asarray(class_entropy),
-                                     jnp.asarray(class_weights, jnp.float32), key, *args, num_resamples)
-    curves = Curves(time, np.asarray(class_entropy), np.asarray(h), np.asarray(r), time[np.asarray(peak)],
-                    np.asarray(half, np.float64))
+                                     jnp.asarray(problems.class_weights, jnp.float32), key, *args, num_resamples)
+    curves = Curves(
+        estimator=estimator, method=method, problems=tuple(problems.problems),
+        prior_entropy_bits=np.asarray(problems.prior_entropy_bits, np.float64), time=time,
+        class_entropy_bits=np.transpose(np.asarray(class_entropy), (2, 1, 0)), entropy_bits=np.asarray(h).T,
+        entropy_rate=np.asarray(r).T, peak_time=time[np.asarray(peak)], half_time=np.asarray(half, np.float64),
+        rate_bandwidth=float(bandwidth))
     if ci is None:
         return curves
     h_ci, r_ci, peak_ci, half_ci = (np.asarray(a) for a in ci)
     # percentiles of step indices, read off on the time grid
     peak_ci = np.interp(peak_ci, np.arange(time.shape[0]), time)
-    return dataclasses.replace(curves, entropy_bits_ci95=h_ci, entropy_rate_ci95=r_ci, peak_time_ci95=peak_ci,
-                               half_time_ci95=half_ci)
+    return dataclasses.replace(
+        curves, entropy_bits_ci95=np.transpose(h_ci, (2, 1, 0)), entropy_rate_ci95=np.transpose(r_ci, (2, 1, 0)),
+        peak_time_ci95=peak_ci.T, half_time_ci95=half_ci.T,
+        resampling=Resampling(np.asarray(block_sums), np.asarray(block_counts), key, num_resamples))
+
+
+@dataclasses.dataclass(frozen=True)
+class Resampling:
+    """What a Monte Carlo estimator's intervals were drawn from: block_sums (T, K, B, P) of
+    h(P(z | x_t)), block_counts (K, B), the bootstrap key and the number of resamples."""
+
+    block_sums: np.ndarray
+    block_counts: np.ndarray
+    key: Any
+    num_resamples: int
+
+
+def class_curves(curves: Curves, problem: str, class_names: Sequence[str], key: jax.Array) -> Curves:
+    """One problem's curves for the trajectories of each class separately, from a Monte Carlo
+    estimator's curves: "problem" k of the result is H(Z | X_t) over trajectories of class k
+    (its per-class profile H_k), with its own bootstrap intervals. The result's problems are
+    named by `class_names`."""
+    if curves.resampling is None:
+        raise ValueError("per-class curves need a Monte Carlo estimator's curves (with block sums)")
+    p = curves.index(problem)
+    sums = curves.resampling.block_sums[..., p:p + 1]
+    K = sums.shape[1]
+    if len(class_names) != K:
+        raise ValueError(f"{len(class_names)} class names for {K} classes")
+    groups = curves.problems[p].groups
+    arrays = ProblemArrays(tuple(DecisionProblem(str(n), groups) for n in class_names), np.zeros((K, 1, K), bool),
+                           np.eye(K), np.full(K, float(curves.prior_entropy_bits[p])))
+    return curves_from_blocks(key, curves.time, np.repeat(sums, K, axis=-1), curves.resampling.block_counts, arrays,
+                              bandwidth=curves.rate_bandwidth, num_resamples=curves.resampling.num_resamples,
+                              estimator=curves.estimator, method=f"{curves.method}; per generating class, {problem}")

@@ -6,6 +6,8 @@ and the rest renormalised:
     P(z = j | x_t) = sum_{k in G_j} P(k | x_t) / sum_{k in any group} P(k | x_t)
 
 "All classes, one group each" is the plain class label Y.
+
+The formulas: docs/method.md, "Decision problems" and "Conditional entropy in bits and per-class profiles".
 """
 
 from __future__ import annotations
@@ -114,6 +116,56 @@ def prior_entropy_bits(problems: Sequence[DecisionProblem], weights: np.ndarray)
     pz = np.einsum("pgk,pk->pg", m, w)
     with np.errstate(divide="ignore", invalid="ignore"):
         return -np.sum(np.where(pz > 0, pz * np.log2(pz), 0.0), axis=1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ProblemArrays:
+    """Decision problems with the arrays every estimator needs, derived once.
+
+    problems: the P problems; membership (P, G, K) bool, class k in group j of problem p;
+    class_weights (P, K): pi_k / pi_S of each class in each problem's own classes S (0 if
+    left out), the weights of the per-class profiles in H(Z | X_t); prior_entropy_bits (P,)
+    H(Z).
+    """
+
+    problems: tuple[DecisionProblem, ...]
+    membership: np.ndarray
+    class_weights: np.ndarray
+    prior_entropy_bits: np.ndarray
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.problems)
+
+
+def problem_arrays(problems: Sequence[DecisionProblem] | None, weights: np.ndarray) -> ProblemArrays:
+    """The arrays of `problems` over classes with prior weights (K,) (any positive scale).
+
+    problems None: the class label alone. Raises ValueError for a problem that names a class
+    outside 0..K-1, for duplicate names, and for an empty list.
+    """
+    weights = np.asarray(weights, np.float64)
+    num_classes = weights.shape[0]
+    if problems is None:
+        problems = [class_label(num_classes)]
+    if isinstance(problems, DecisionProblem):
+        problems = [problems]
+    problems = tuple(problems)
+    if not problems:
+        raise ValueError("give at least one decision problem")
+    for p in problems:
+        if not isinstance(p, DecisionProblem):
+            raise ValueError(f"decision problems must be DecisionProblem objects (make_problem), got {p!r}")
+    names = [p.name for p in problems]
+    for p in problems:
+        if max(p.classes) >= num_classes:
+            raise ValueError(f"decision problem {p.name!r} names class {max(p.classes)}, but the model has "
+                             f"classes 0..{num_classes - 1}")
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ValueError(f"decision problem names must be unique; repeated: {', '.join(duplicated)}")
+    return ProblemArrays(problems, membership(problems, num_classes), class_weights(problems, weights),
+                         prior_entropy_bits(problems, weights))
 
 
 # --- per-example math ---------------------------------------------------------------------

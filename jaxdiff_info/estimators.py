@@ -8,6 +8,8 @@
 Monte Carlo estimators return sums of h(P(z | x_t)) over blocks of trajectories of each
 class, (T, K, B, P), so that `jaxdiff_info.curves` can bootstrap them. Trajectories are laid
 out class-major in blocks: `make_blocks(K, n)`.
+
+The formulas: docs/method.md, the three "Estimator" sections.
 """
 
 from __future__ import annotations
@@ -171,12 +173,23 @@ class OnlineRun:
 
     block_sums (T, K, B, P); x_0 (N, *shape) the generated samples; final log P(k | x_1)
     (N, K); paths: whatever `record` returned at each step, stacked (T, ...).
+
+    Filled in by `jaxdiff_info.online_curves`: classes (N,) the generating class of every
+    trajectory (K: the null class); path_index (M,) the recorded trajectories;
+    path_log_posterior (T, M, K) and path_x (T, M, *shape) or None along them;
+    mean_posterior (T, C, K) P(k | x_t) averaged over the trajectories of each generating
+    class.
     """
 
     block_sums: np.ndarray
     x_0: np.ndarray
     log_posterior: np.ndarray
     paths: Any
+    classes: np.ndarray | None = None
+    path_index: np.ndarray | None = None
+    path_log_posterior: np.ndarray | None = None
+    path_x: np.ndarray | None = None
+    mean_posterior: np.ndarray | None = None
 
 
 def online_block_sums(

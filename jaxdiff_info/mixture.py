@@ -8,6 +8,8 @@ Under the forward process, with v_k = abar s_k^2 + 1 - abar,
 Functions take ONE point x (d,) and alpha_bar; `jax.vmap` them over points.
 Class index K (one past the last component) means "no class": the unconditional mixture,
 the same convention as the null class of a classifier-free-guided network.
+
+The formulas: docs/method.md, "Gaussian mixtures in closed form" and "The mixture as a network".
 """
 
 from __future__ import annotations
@@ -150,19 +152,25 @@ def denoiser(mixture: GaussianMixture, x: jax.Array, alpha_bar: jax.Array, k: ja
 
 def eps_fn(schedule: Schedule, with_null: bool = True):
     """The mixture as a class-conditional eps-predictor eps(mixture, x_t, t, k), the same
-    interface as a network eps(params, x_t, t, k): t is a step of `schedule`, k = K is the
-    unconditional prediction.
+    interface as a network eps(params, x_t, t, k): t is a model timestep of `schedule`
+    (`Schedule.timesteps`, so a respaced schedule works too), k = K is the unconditional
+    prediction.
 
     with_null=False gives class-conditional predictions only (k = K returns NaN): about half
     the work, since the posterior-weighted unconditional score is never formed. Enough for
     class-conditional generation without guidance.
     """
 
+    def alpha_bar_of(t):
+        """alpha_bar at model timestep t: the schedule's step whose timestep is t."""
+        i = jnp.searchsorted(schedule.timesteps, t)
+        return schedule.alpha_bar[jnp.clip(i, 0, schedule.num_steps - 1)]
+
     def mixture_eps(mixture: GaussianMixture, x_t: jax.Array, t: jax.Array, k: jax.Array) -> jax.Array:
-        return eps(mixture, x_t, alpha_bar_at(schedule, t), k)
+        return eps(mixture, x_t, alpha_bar_of(t), k)
 
     def class_eps(mixture: GaussianMixture, x_t: jax.Array, t: jax.Array, k: jax.Array) -> jax.Array:
-        alpha_bar = alpha_bar_at(schedule, t)
+        alpha_bar = alpha_bar_of(t)
         j = jnp.minimum(k, mixture.num_components - 1)
         v = alpha_bar * mixture.stds[j] ** 2 + (1.0 - alpha_bar)
         e = jnp.sqrt(1.0 - alpha_bar) * (x_t - jnp.sqrt(alpha_bar) * mixture.means[j]) / v

@@ -30,33 +30,62 @@ def _grid(n: int, width: float = 3.6, height: float = 2.6):
     return fig, axes.ravel()[:n]
 
 
-def curves_figure(problems: Sequence[DecisionProblem], curves: Mapping[str, Curves], field: str, ylabel: str):
-    """One panel per decision problem, every estimator overlaid, 95% bootstrap bands."""
-    fig, axes = _grid(len(problems))
-    for i, (ax, problem) in enumerate(zip(axes, problems)):
+TIME_LABEL = "t/T  (generation runs from t/T = 1 to 0: right to left)"
+RATE_LABEL = "dH/d(t/T)  [bits per unit t/T]"
+ENTROPY_LABEL = "H(Z | X_t)  [bits]"
+
+
+def curves_figure(curves: Mapping[str, Curves], field: str, title: str | None = None,
+                  select: Sequence[int] | None = None):
+    """One panel per decision problem (named as in the summary), every estimator overlaid
+    with its 95% bootstrap band. field "entropy_rate": each estimator's peak time marked,
+    with its 95% interval; field "entropy_bits": the prior H(Z) as a line. title: a line
+    naming the mixture or model, the sampler and the number of trajectories. select: the
+    problems to show, by index (default all)."""
+    first = next(iter(curves.values()))
+    select = list(range(len(first.problems))) if select is None else list(select)
+    fig, axes = _grid(len(select))
+    rate = field == "entropy_rate"
+    for i, ax in zip(select, axes):
+        problem = first.problems[i]
         for name, c in curves.items():
-            style = STYLE.get(name, dict(label=name))
-            ax.plot(c.time, getattr(c, field)[:, i], **style)
+            style = {**STYLE.get(name, dict(label=name))}
+            color = style.get("color")
+            ax.plot(c.time, getattr(c, field)[i], **style)
             band = getattr(c, f"{field}_ci95")
             if band is not None:
-                ax.fill_between(c.time, band[0, :, i], band[1, :, i], color=style.get("color"), alpha=0.2, lw=0)
+                ax.fill_between(c.time, band[i, :, 0], band[i, :, 1], color=color, alpha=0.2, lw=0,
+                                label=f"{style['label']}: 95% bootstrap band")
+            if rate:
+                ax.axvline(c.peak_time[i], color=color, lw=0.8, ls=":",
+                           label=f"{style['label']}: peak t/T" + (" and its 95% CI" if c.peak_time_ci95 is not None
+                                                                  else ""))
+                if c.peak_time_ci95 is not None:
+                    lo, hi = c.peak_time_ci95[i]
+                    ax.axvspan(lo, hi, ymin=0.0, ymax=0.04, color=color, alpha=0.6, lw=0)
+        if not rate:
+            ax.axhline(first.prior_entropy_bits[i], color="grey", lw=0.8, ls="-.", label="prior H(Z)")
         ax.set_title(problem.name, fontsize=10)
         ax.grid(alpha=0.3)
     for ax in axes:
-        ax.set_xlabel("normalised time t/T")
-        ax.set_ylabel(ylabel)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+        ax.set_xlabel(TIME_LABEL, fontsize=8)
+        ax.set_ylabel(RATE_LABEL if rate else ENTROPY_LABEL, fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.1 if len(labels) > 4 else 0.06, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=7, frameon=False)
     return fig
 
 
 def posterior_paths_figure(time: np.ndarray, log_posterior: np.ndarray, path_classes: np.ndarray,
-                           mean_posterior: np.ndarray, class_names: Sequence[str]):
-    """One panel per generating class: P(k | x_t) of that class along a few trajectories
-    (thin) and averaged over all of its trajectories (thick), for every k.
+                           mean_posterior: np.ndarray, class_names: Sequence[str], per_class: int | None = None):
+    """One panel per generating class: P(k | x_t) of that class along a few single
+    trajectories (thin) and averaged over all of its trajectories (thick), for every k.
 
     log_posterior (T, M, K) for M recorded paths of classes path_classes (M,);
-    mean_posterior (T, K, K): average P(k | x_t) over trajectories of class c, [t, c, k].
+    mean_posterior (T, K, K): average P(k | x_t) over trajectories of class c, [t, c, k];
+    per_class: the number of trajectories of each class behind the means.
     """
     K = mean_posterior.shape[1]
     colors = plt.get_cmap("tab10" if K <= 10 else "tab20")
@@ -69,10 +98,15 @@ def posterior_paths_figure(time: np.ndarray, log_posterior: np.ndarray, path_cla
             ax.plot(time, mean_posterior[:, c, k], color=colors(k % 20), lw=2.0, label=class_names[k])
         ax.set_title(f"generated from {class_names[c]}", fontsize=10)
         ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("normalised time t/T")
+        ax.set_xlabel(TIME_LABEL, fontsize=8)
         ax.set_ylabel("P(k | x_t)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, title="class k", title_fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    mean_of = f"mean over {per_class} trajectories" if per_class else "mean over all trajectories"
+    handles += [plt.Line2D([], [], color="grey", lw=0.6), plt.Line2D([], [], color="grey", lw=2.0)]
+    labels += ["thin: single trajectories", f"thick: {mean_of} of the class"]
+    axes[-1].legend(handles, labels, fontsize=6, title="class k", title_fontsize=7, loc="upper left",
+                    bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     return fig
 
@@ -84,36 +118,43 @@ def density_figure(time: np.ndarray, grid: np.ndarray, log_density: np.ndarray, 
     colors = plt.get_cmap("tab10")
     fig, ax = plt.subplots(figsize=(8, 4.2))
     density = np.exp(log_density - log_density.max(axis=1, keepdims=True))
-    ax.imshow(density.T, origin="lower", aspect="auto", cmap="Greys", interpolation="nearest",
-              extent=(time[0], time[-1], grid[0], grid[-1]))
+    im = ax.imshow(density.T, origin="lower", aspect="auto", cmap="Greys", interpolation="nearest",
+                   extent=(time[0], time[-1], grid[0], grid[-1]))
+    fig.colorbar(im, ax=ax, label="p(x_t) / max over x_t at that t")
     for m in range(paths.shape[1]):
         ax.plot(time, paths[:, m], color=colors(int(path_classes[m]) % 10), lw=0.7, alpha=0.9)
-    ax.set_xlabel("normalised time t/T  (generation runs right to left)")
+    ax.set_xlabel(TIME_LABEL)
     ax.set_ylabel(xlabel)
-    ax.set_title("p(x_t), normalised per time, with generated paths")
+    ax.set_title("p(x_t), normalised per time, with generated paths (coloured by class)")
     fig.tight_layout()
     return fig
 
 
-def class_curves_figure(class_curves: Curves, class_names: Sequence[str]):
-    """H(Y | X_t) and its rate for the trajectories of each class, with 95% bootstrap bands."""
-    K = len(class_names)
+def class_curves_figure(class_curves: Curves, title: str | None = None):
+    """H(Y | X_t) and its rate over the trajectories of each class (`curves.class_curves`,
+    "problems" named by class), with 95% bootstrap bands and each class's peak time."""
+    names = class_curves.names
+    K = len(names)
     colors = plt.get_cmap("tab10" if K <= 10 else "tab20")
     fig, (a0, a1) = plt.subplots(1, 2, figsize=(12, 4.2))
     t = class_curves.time
-    for k, name in enumerate(class_names):
+    for k, name in enumerate(names):
         c = colors(k % 20)
-        a0.plot(t, class_curves.entropy_bits[:, k], color=c, lw=1.3, label=name)
-        a1.plot(t, class_curves.entropy_rate[:, k], color=c, lw=1.3, label=f"{name} (peak {class_curves.peak_time[k]:.2f})")
+        a0.plot(t, class_curves.entropy_bits[k], color=c, lw=1.3, label=name)
+        a1.plot(t, class_curves.entropy_rate[k], color=c, lw=1.3, label=f"{name} (peak t/T {class_curves.peak_time[k]:.2f})")
         if class_curves.entropy_rate_ci95 is not None:
-            a0.fill_between(t, *class_curves.entropy_bits_ci95[:, :, k], color=c, alpha=0.15, lw=0)
-            a1.fill_between(t, *class_curves.entropy_rate_ci95[:, :, k], color=c, alpha=0.15, lw=0)
-    a0.set_ylabel("H(Y | X_t) of trajectories of the class  [bits]")
-    a1.set_ylabel("dH/d(t/T)  [bits]")
+            a0.fill_between(t, *class_curves.entropy_bits_ci95[k].T, color=c, alpha=0.15, lw=0)
+            a1.fill_between(t, *class_curves.entropy_rate_ci95[k].T, color=c, alpha=0.15, lw=0)
+    a0.axhline(class_curves.prior_entropy_bits[0], color="grey", lw=0.8, ls="-.", label="prior H(Y)")
+    a0.set_ylabel("H(Y | X_t) over trajectories of the class  [bits]")
+    a1.set_ylabel(RATE_LABEL)
     for ax in (a0, a1):
-        ax.set_xlabel("normalised time t/T")
+        ax.set_xlabel(TIME_LABEL)
         ax.grid(alpha=0.3)
-    a1.legend(fontsize=7, ncol=2)
+    a0.legend(fontsize=6, ncol=2, title="shaded: 95% bootstrap bands", title_fontsize=6)
+    a1.legend(fontsize=6, ncol=2)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 

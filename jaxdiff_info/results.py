@@ -16,7 +16,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from jaxdiff_info.curves import Curves, local_peaks
-from jaxdiff_info.decisions import DecisionProblem
 
 
 def prepare_output_dir(out: str | os.PathLike, outputs: Sequence[str], overwrite: bool) -> Path:
@@ -67,15 +66,16 @@ def _round(a: np.ndarray, digits: int = 6) -> Any:
     return np.round(np.asarray(a, np.float64), digits).tolist()
 
 
-def problem_summary(
-    index: int, problem: DecisionProblem, prior_entropy_bits: float, curves: Mapping[str, Curves]
-) -> dict:
-    """One decision problem's entry of summary.json (see the README for the schema)."""
-    time = next(iter(curves.values())).time
+def problem_summary(index: int, curves: Mapping[str, Curves]) -> dict:
+    """Decision problem `index`'s entry of summary.json, every estimator's curves of it (see
+    the README for the schema; intervals as [lo, hi], bands as [[lower...], [upper...]])."""
+    first = next(iter(curves.values()))
+    problem = first.problems[index]
+    time = first.time
     entry: dict[str, Any] = {
         "name": problem.name,
         "groups": [list(g) for g in problem.groups],
-        "prior_entropy_bits": round(float(prior_entropy_bits), 6),
+        "prior_entropy_bits": round(float(first.prior_entropy_bits[index]), 6),
         "time": _round(time),
         "entropy_bits": {},
         "entropy_rate": {},
@@ -88,25 +88,34 @@ def problem_summary(
         "entropy_rate_ci95": {},
     }
     for name, c in curves.items():
-        entry["entropy_bits"][name] = _round(c.entropy_bits[:, index])
-        entry["entropy_rate"][name] = _round(c.entropy_rate[:, index])
+        entry["entropy_bits"][name] = _round(c.entropy_bits[index])
+        entry["entropy_rate"][name] = _round(c.entropy_rate[index])
         entry["peak_time"][name] = round(float(c.peak_time[index]), 6)
-        entry["peaks"][name] = [round(p, 6) for p in local_peaks(time, c.entropy_rate[:, index])]
+        entry["peaks"][name] = [round(p, 6) for p in local_peaks(time, c.entropy_rate[index])]
         entry["half_time"][name] = round(float(c.half_time[index]), 6)
         if c.peak_time_ci95 is not None:
-            entry["peak_time_ci95"][name] = _round(c.peak_time_ci95[:, index])
-            entry["half_time_ci95"][name] = _round(c.half_time_ci95[:, index])
-            entry["entropy_bits_ci95"][name] = _round(c.entropy_bits_ci95[:, :, index])
-            entry["entropy_rate_ci95"][name] = _round(c.entropy_rate_ci95[:, :, index])
+            entry["peak_time_ci95"][name] = _round(c.peak_time_ci95[index])
+            entry["half_time_ci95"][name] = _round(c.half_time_ci95[index])
+            entry["entropy_bits_ci95"][name] = _round(c.entropy_bits_ci95[index].T)
+            entry["entropy_rate_ci95"][name] = _round(c.entropy_rate_ci95[index].T)
     return entry
 
 
+def methods(curves: Mapping[str, Curves]) -> dict[str, str]:
+    """What each estimator estimated, in words (summary.json's "methods")."""
+    return {name: c.method for name, c in curves.items()}
+
+
+CURVE_FIELDS = ("class_entropy_bits", "entropy_bits", "entropy_rate", "peak_time", "half_time",
+                "entropy_bits_ci95", "entropy_rate_ci95", "peak_time_ci95", "half_time_ci95")
+
+
 def curves_arrays(curves: Mapping[str, Curves]) -> dict[str, np.ndarray]:
-    """Every curve as a flat dict of arrays for an NPZ file, keys '<estimator>/<field>'."""
+    """Every curve as a flat dict of arrays for an NPZ file, keys '<estimator>/<field>', in
+    the layout of `Curves` (problem first)."""
     arrays: dict[str, np.ndarray] = {}
     for name, c in curves.items():
-        for field in ("class_entropy_bits", "entropy_bits", "entropy_rate", "peak_time", "half_time",
-                      "entropy_bits_ci95", "entropy_rate_ci95", "peak_time_ci95", "half_time_ci95"):
+        for field in CURVE_FIELDS:
             value = getattr(c, field)
             if value is not None:
                 arrays[f"{name}/{field}"] = np.asarray(value)

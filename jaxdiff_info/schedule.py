@@ -2,6 +2,8 @@
 
 Steps are t = 1..T; arrays are indexed by t - 1. Every function acts on ONE example
 (x of any shape) and is meant to be `jax.vmap`-ed at the edge.
+
+The formulas: docs/method.md, "Time and the forward process" and "Reverse steps".
 """
 
 from __future__ import annotations

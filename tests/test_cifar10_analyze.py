@@ -10,13 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.cifar10 import analyze as A
-from jaxdiff_info import curves as C
+import jaxdiff_info as jdi
 from jaxdiff_info import decisions as D
-from jaxdiff_info import estimators as E
 from jaxdiff_info import mixture as M
 from jaxdiff_info import schedule as S
 from jaxdiff_info import unet
+from jaxdiff_info.analysis import analyze_model
 from jaxdiff_info.tracking import Tracker
 
 SCHEDULE = S.linear_schedule(1000)
@@ -26,17 +25,20 @@ PROBLEMS = [D.class_label(4), D.make_problem("left vs right", [[0, 1], [2, 3]], 
 
 
 def _exact(schedule=SCHEDULE):
-    return C.curves_from_profiles(np.asarray(schedule.time),
-                                  E.quadrature_class_entropy(PAPER, schedule, D.membership(PROBLEMS, 4)),
-                                  D.class_weights(PROBLEMS, np.full(4, 0.25)))
+    return jdi.exact_curves(PAPER, PROBLEMS, schedule)
+
+
+def _analyze(mix, schedule, problems, **kw):
+    """The analytic mixture behind eps(params, x_t, t, k), through the image-model code path."""
+    network = jdi.Network(M.eps_fn(SCHEDULE), mix, (1,), 4)
+    return analyze_model(network, schedule, problems, sampler=S.Sampler("ddpm", "small"), **kw)
 
 
 @pytest.fixture(scope="module")
 def mixture_as_network():
     """The analytic mixture behind eps(params, x_t, t, k), through the image-model code path."""
-    return A.analyze(M.eps_fn(SCHEDULE), PAPER, SCHEDULE, num_classes=4, problems=PROBLEMS, shape=(1,),
-                     samples_per_class=600, key=jax.random.key(0), variance="small", batch_size=300,
-                     num_resamples=50)
+    return _analyze(PAPER, SCHEDULE, PROBLEMS, samples_per_class=600, key=jax.random.key(0), batch_size=300,
+                    num_resamples=50)
 
 
 def test_mixture_behind_the_network_interface_gives_the_mixture_curves(mixture_as_network):
@@ -49,7 +51,7 @@ def test_mixture_behind_the_network_interface_gives_the_mixture_curves(mixture_a
     np.testing.assert_allclose(res.curves.half_time, exact.half_time, atol=0.03)
     assert res.curves.half_time[1] > res.curves.half_time[2] + 0.2
     # per-class profiles average to the class-label curve
-    np.testing.assert_allclose(res.class_curves.entropy_bits.mean(axis=1), res.curves.entropy_bits[:, 0], atol=1e-5)
+    np.testing.assert_allclose(res.class_curves.entropy_bits.mean(axis=0), res.curves.entropy_bits[0], atol=1e-5)
     # every trajectory ends on its own point; posteriors are distributions
     np.testing.assert_allclose(res.x_0[:, 0], np.repeat([-8.0, -4.0, 6.0, 8.0], 600), atol=0.05)
     np.testing.assert_allclose(res.mean_posterior.sum(-1), 1.0, atol=1e-5)
@@ -58,9 +60,8 @@ def test_mixture_behind_the_network_interface_gives_the_mixture_curves(mixture_a
 
 
 def test_unconditional_generation_reweights_to_each_problem():
-    res = A.analyze(M.eps_fn(SCHEDULE), PAPER, SCHEDULE, num_classes=4, problems=PROBLEMS, shape=(1,),
-                    samples_per_class=400, key=jax.random.key(1), variance="small", generation="unconditional",
-                    num_resamples=20)
+    res = _analyze(PAPER, SCHEDULE, PROBLEMS, samples_per_class=400, key=jax.random.key(1),
+                   generation="unconditional", num_resamples=20)
     assert res.class_curves is None
     assert np.abs(res.curves.entropy_bits - _exact().entropy_bits).max() < 0.05
 
@@ -68,16 +69,14 @@ def test_unconditional_generation_reweights_to_each_problem():
 def test_respaced_schedule_uses_the_respaced_kernel():
     """Sampling with 100 of the model's 1000 steps: eps is asked at the model's own steps."""
     short = S.respace(SCHEDULE, 100)
-    res = A.analyze(M.eps_fn(SCHEDULE), PAPER, short, num_classes=4, problems=PROBLEMS, shape=(1,),
-                    samples_per_class=500, key=jax.random.key(2), variance="small", num_resamples=20)
+    res = _analyze(PAPER, short, PROBLEMS, samples_per_class=500, key=jax.random.key(2), num_resamples=20)
     assert np.abs(res.curves.entropy_bits - _exact(short).entropy_bits).max() < 0.05
     np.testing.assert_allclose(res.x_0[:, 0], np.repeat([-8.0, -4.0, 6.0, 8.0], 500), atol=0.05)
 
 
 def test_too_few_samples_per_class():
     with pytest.raises(ValueError, match="samples-per-class must be >= 2"):
-        A.analyze(M.eps_fn(SCHEDULE), PAPER, SCHEDULE, num_classes=4, problems=PROBLEMS, shape=(1,),
-                  samples_per_class=1, key=jax.random.key(0))
+        _analyze(PAPER, SCHEDULE, PROBLEMS, samples_per_class=1, key=jax.random.key(0))
 
 
 TINY = unet.UNetConfig(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, num_classes=3,
@@ -127,12 +126,13 @@ _EIGHT = r"""
 import os, sys
 import numpy as np, jax
 import jaxdiff_info
-from experiments.cifar10 import analyze as A
+from jaxdiff_info.analysis import analyze_model
 from jaxdiff_info import mixture as M, decisions as D, schedule as S
 s = S.linear_schedule(200)
 mix = M.make_mixture([-8.0, -4.0, 6.0, 8.0])
-res = A.analyze(M.eps_fn(s), mix, s, num_classes=4, problems=[D.class_label(4)], shape=(1,), samples_per_class=16,
-                key=jax.random.key(3), variance="small", num_resamples=10)
+net = jaxdiff_info.Network(M.eps_fn(s), mix, (1,), 4)
+res = analyze_model(net, s, [D.class_label(4)], samples_per_class=16, key=jax.random.key(3),
+                    sampler=S.Sampler("ddpm", "small"), num_resamples=10)
 np.savez(sys.argv[1], h=res.curves.entropy_bits, x0=res.x_0, devices=len(jax.devices()))
 """
 

@@ -8,7 +8,7 @@ from jaxdiff_info import decisions as D
 
 
 def _reference_entropy(p, groups):
-    """Direct float64 evaluation of method.md's formula from probabilities."""
+    """Direct float64 evaluation of the formula in docs/method.md, from probabilities."""
     included = [k for g in groups for k in g]
     pz = np.array([p[list(g)].sum() for g in groups]) / p[included].sum()
     pz = pz[pz > 0]

@@ -17,7 +17,7 @@ from jaxdiff_info.tracking import Tracker
 SCHEDULE = S.linear_schedule(1000)
 TIME = np.asarray(SCHEDULE.time)
 
-# method.md, "The paper's default problem, as computed by quadrature"
+# docs/method.md, "The paper's default problem"
 PAPER = M.make_mixture([-8.0, -4.0, 6.0, 8.0])
 PAPER_PROBLEMS = [
     (D.class_label(4), 0.573, 2.0),
@@ -32,14 +32,15 @@ PAPER_PROBLEMS = [
 
 
 def exact_curves(mix, problems, schedule=SCHEDULE, **kw):
-    m = D.membership(problems, mix.num_components)
-    w = D.class_weights(problems, np.asarray(mix.weights, np.float64))
-    return C.curves_from_profiles(np.asarray(schedule.time), E.quadrature_class_entropy(mix, schedule, m, **kw), w)
+    arrays = D.problem_arrays(problems, np.asarray(mix.weights, np.float64))
+    profiles = E.quadrature_class_entropy(mix, schedule, arrays.membership, **kw)
+    return C.curves_from_profiles(np.asarray(schedule.time), profiles, arrays)
 
 
 def mc_curves(block_sums, blocks, mix, problems, bandwidth=0.02):
-    w = D.class_weights(problems, np.asarray(mix.weights, np.float64))
-    return C.curves_from_blocks(jax.random.key(99), TIME, jnp.asarray(block_sums), blocks.counts, w, bandwidth, 100)
+    arrays = D.problem_arrays(problems, np.asarray(mix.weights, np.float64))
+    return C.curves_from_blocks(jax.random.key(99), TIME, jnp.asarray(block_sums), blocks.counts, arrays,
+                                bandwidth=bandwidth, num_resamples=100, estimator="test")
 
 
 def online(mix, problems, per_class, key, variance="small", schedule=SCHEDULE, **kw):
@@ -61,11 +62,11 @@ def test_paper_peak_times_and_prior_entropies(paper_exact):
         assert float(paper_exact.peak_time[i]) == pytest.approx(peak, abs=0.0021), problem.name
         assert D.prior_entropy_bits([problem], np.ones(4))[0] == pytest.approx(prior, abs=1e-3)
         # at t = T the noise hides (almost) everything: H(Z | X_T) = H(Z)
-        assert paper_exact.entropy_bits[-1, i] == pytest.approx(prior, abs=2e-3)
+        assert paper_exact.entropy_bits[i, -1] == pytest.approx(prior, abs=2e-3)
         # at t = 1 the points are far apart: nothing is left to decide
-        assert paper_exact.entropy_bits[0, i] < 1e-6
+        assert paper_exact.entropy_bits[i, 0] < 1e-6
     # "-8 vs rest" has two bumps
-    peaks = C.local_peaks(TIME, paper_exact.entropy_rate[:, problems.index(PAPER_PROBLEMS[7][0])])
+    peaks = C.local_peaks(TIME, paper_exact.entropy_rate[problems.index(PAPER_PROBLEMS[7][0])])
     assert len(peaks) == 2 and sorted(peaks)[0] == pytest.approx(0.36, abs=0.02)
     # coarse decisions come first in generation (later in t), fine ones last
     assert paper_exact.peak_time[1] > paper_exact.peak_time[2] > paper_exact.peak_time[3]
@@ -84,11 +85,11 @@ def test_quadrature_matches_two_class_closed_form(std):
     mix = M.make_mixture([-1.5, 1.5], [std, std])
     exact = exact_curves(mix, [D.class_label(2)])
     closed = E.symmetric_two_class_entropy_bits(SCHEDULE.alpha_bar, 1.5, std)
-    np.testing.assert_allclose(exact.entropy_bits[:, 0], closed, atol=2e-4)
+    np.testing.assert_allclose(exact.entropy_bits[0], closed, atol=2e-4)
 
 
 def test_monte_carlo_estimators_match_closed_form_in_d_dimensions():
-    """Two classes at +-m in d = 5, common std: method.md's Gauss-Hermite closed form."""
+    """Two classes at +-m in d = 5, common std: the Gauss-Hermite closed form of docs/method.md."""
     m = np.array([0.8, -0.4, 0.0, 0.6, 0.2])
     mix = M.make_mixture([m, -m], [0.5, 0.5])
     problems = [D.class_label(2)]
@@ -98,9 +99,9 @@ def test_monte_carlo_estimators_match_closed_form_in_d_dimensions():
                     blocks, mix, problems)
     run, blocks = online(mix, problems, 2000, jax.random.key(1))
     onl = mc_curves(run.block_sums, blocks, mix, problems)
-    assert np.abs(fmc.entropy_bits[:, 0] - closed).max() < 0.03
-    assert np.abs(onl.entropy_bits[:, 0] - closed).max() < 0.03
-    assert onl.entropy_bits[-1, 0] == pytest.approx(1.0)  # log w(T) = log pi
+    assert np.abs(fmc.entropy_bits[0] - closed).max() < 0.03
+    assert np.abs(onl.entropy_bits[0] - closed).max() < 0.03
+    assert onl.entropy_bits[0, -1] == pytest.approx(1.0)  # log w(T) = log pi
 
 
 @pytest.fixture(scope="module")
@@ -125,15 +126,15 @@ def test_three_estimators_agree(unequal):
         # per-class profiles agree too
         assert np.abs(est.class_entropy_bits - exact.class_entropy_bits).max() < 0.05
         # bootstrap bands: ordered, and mostly covering the exact curve
-        lo, hi = est.entropy_bits_ci95
+        lo, hi = np.moveaxis(est.entropy_bits_ci95, -1, 0)
         assert np.all(lo <= hi + 1e-7)
         assert np.mean((lo - 0.01 <= exact.entropy_bits) & (exact.entropy_bits <= hi + 0.01)) > 0.9
-        assert np.all(est.peak_time_ci95[0] <= est.peak_time + 1e-6)
-        assert np.all(est.peak_time <= est.peak_time_ci95[1] + 1e-6)
+        assert np.all(est.peak_time_ci95[:, 0] <= est.peak_time + 1e-6)
+        assert np.all(est.peak_time <= est.peak_time_ci95[:, 1] + 1e-6)
         # half-entropy times: close to the exact ones, inside their own intervals
         np.testing.assert_allclose(est.half_time, exact.half_time, atol=0.02)
-        assert np.all(est.half_time_ci95[0] <= est.half_time + 1e-6)
-        assert np.all(est.half_time <= est.half_time_ci95[1] + 1e-6)
+        assert np.all(est.half_time_ci95[:, 0] <= est.half_time + 1e-6)
+        assert np.all(est.half_time <= est.half_time_ci95[:, 1] + 1e-6)
     assert np.all(np.isfinite(onl.entropy_rate)) and np.all(np.isfinite(fmc.entropy_rate))
 
 
@@ -193,8 +194,8 @@ def test_extreme_valid_inputs_give_finite_correct_curves():
     for c in (exact, mc_curves(run.block_sums, blocks, mix, problems), mc_curves(fmc_sums, blocks, mix, problems)):
         assert np.all(np.isfinite(c.entropy_bits)) and np.all(np.isfinite(c.entropy_rate))
         assert np.all(c.entropy_bits >= -1e-6)
-        assert np.all(c.entropy_bits[:, 0] <= math.log2(3) + 1e-5)
-        assert c.entropy_bits[0].max() < 1e-4  # separated points: decided by t = 1
+        assert np.all(c.entropy_bits[0] <= math.log2(3) + 1e-5)
+        assert c.entropy_bits[:, 0].max() < 1e-4  # separated points: decided by t = 1
     # the online trajectories end on their points, even the rare one
     for k in range(3):
         np.testing.assert_allclose(run.x_0[blocks.classes == k, 0], float(mix.means[k, 0]), atol=1e-2)

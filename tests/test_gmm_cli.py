@@ -42,8 +42,8 @@ def test_writes_every_output_with_the_documented_schema(default_run):
             assert np.shape(p["entropy_bits_ci95"][est]) == (2, 100)
         assert p["entropy_bits"]["online"][-1] == pytest.approx(p["prior_entropy_bits"], abs=1e-5)
     arrays = np.load(default_run / "curves.npz")
-    assert arrays["online/entropy_bits"].shape == (100, 8)
-    assert arrays["online/class_entropy_bits"].shape == (100, 4, 8)
+    assert arrays["online/entropy_bits"].shape == (8, 100)  # the layout of Curves: problem first
+    assert arrays["online/class_entropy_bits"].shape == (8, 4, 100)
     assert arrays["mean_posterior"].shape == (100, 4, 4)
     np.testing.assert_allclose(arrays["mean_posterior"].sum(-1), 1.0, atol=1e-5)
 

@@ -1,4 +1,4 @@
-"""The online classifier's step: the recursion of method.md, exactly."""
+"""The online classifier's step: the recursion of docs/method.md, exactly."""
 
 import jax
 import jax.numpy as jnp

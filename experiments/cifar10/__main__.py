@@ -10,28 +10,25 @@ one line on stderr and exit status 2.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Sequence
 
+from experiments.cli import HelpFormatter, Parser
+
 PROG = "python -m experiments.cifar10"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from experiments.cifar10 import train
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,analyze}")
     train.add_arguments(commands.add_parser(
-        "train", help="train (or resume) a class-conditional U-Net", description=train.__doc__.split("\n\n")[0]))
+        "train", help="train (or resume) a class-conditional U-Net", description=train.__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter))
     analyze_parser = commands.add_parser(
-        "analyze", help="track P(class | x_t) along the trained model's generation")
+        "analyze", help="track P(class | x_t) along the trained model's generation", formatter_class=HelpFormatter)
     run_analyze = None
     if argv[:1] == ["analyze"]:
         # Imported only when asked for: the analysis lives in its own module.

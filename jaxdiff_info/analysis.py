@@ -1,0 +1,147 @@
+"""When does a trained class-conditional model decide its class? The image-model analysis.
+
+    result = analyze_model(jdi.Network(eps, params, shape, num_classes), schedule, problems,
+                           samples_per_class=64, key=jax.random.key(0))
+
+For every class, trajectories are generated with the model and the online classifier tracks
+P(k | x_t) for all K classes along them (`jaxdiff_info.online_curves`, one compiled loop).
+On top of the online curves of every decision problem it gives the per-class curves of the
+class label, snapshots of the predicted x_0 along a few trajectories, and the mean
+posterior per generating class (the heat map). docs/method.md defines every quantity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff_info.api import Network, online_curves
+from jaxdiff_info.curves import Curves, class_curves
+from jaxdiff_info.decisions import DecisionProblem, class_label
+from jaxdiff_info.schedule import Sampler, Schedule, eps_to_x0
+
+# Ho et al.'s CIFAR-10 sampler: sigma_t^2 = beta_t, the x_0 prediction clipped to [-1, 1]
+IMAGE_SAMPLER = Sampler("ddpm", "large", clip_x0=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    """What `analyze_model` measured (host arrays).
+
+    curves: the online curves of every decision problem (`Curves`, with the trajectories);
+    class_curves: the class label's curves over the trajectories of each class, "problems"
+    named by class (None for unconditional generation); snapshots: list of
+    (t, x_t (M, ...), predicted x_0 (M, ...)) of the recorded trajectories, from t = T down
+    to t = 0 (the generated sample); class_names (K,); sampler: the kernel, in words.
+    """
+
+    curves: Curves
+    class_curves: Curves | None
+    snapshots: list
+    class_names: tuple[str, ...]
+    sampler: str
+
+    @property
+    def time(self) -> np.ndarray:
+        return self.curves.time
+
+    @property
+    def mean_posterior(self) -> np.ndarray:
+        """(T, C, K) P(k | x_t) averaged over the trajectories of each generating class."""
+        return self.curves.trajectories.mean_posterior
+
+    @property
+    def paths(self) -> np.ndarray:
+        """(T, M, K) log P(k | x_t) along the recorded trajectories."""
+        return self.curves.trajectories.path_log_posterior
+
+    @property
+    def path_classes(self) -> np.ndarray:
+        """(M,) the generating class of each recorded trajectory (K: the null class)."""
+        t = self.curves.trajectories
+        return t.classes[t.path_index]
+
+    @property
+    def x_0(self) -> np.ndarray:
+        return self.curves.trajectories.x_0
+
+
+def analyze_model(
+    network: Network,
+    schedule: Schedule,
+    problems: Sequence[DecisionProblem] | None = None,
+    *,
+    samples_per_class: int,
+    key: jax.Array,
+    sampler: Sampler = IMAGE_SAMPLER,
+    generation: str = "conditional",
+    guidance: float = 0.0,
+    class_names: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    bandwidth: float = 0.02,
+    num_resamples: int = 200,
+    paths_per_class: int = 2,
+    num_snapshots: int = 6,
+    progress: Callable[[int], None] | None = None,
+) -> Analysis:
+    """Generate with `network` on `schedule` and track P(k | x_t) online; any class-conditional
+    eps(params, x_t, t, k) with k = K the null class.
+
+    problems: decision problems over the K classes; the class label is put first when it is
+    not among them (its per-class curves are `class_curves`). Trajectories are split over all
+    local devices when they divide evenly. The other arguments are those of `online_curves`;
+    num_snapshots: times (evenly spaced steps, T and 0 included) at which the predicted x_0 of
+    the recorded trajectories is kept.
+    """
+    K = network.num_classes
+    if samples_per_class < 2:
+        raise ValueError(f"--samples-per-class must be >= 2 (for confidence intervals), got {samples_per_class}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    names = tuple(str(n) for n in (class_names if class_names is not None else range(K)))
+    if len(names) != K:
+        raise ValueError(f"{len(names)} class names for a model of {K} classes")
+    problems = list(problems or [])
+    label = next((p for p in problems if sorted(map(len, p.groups)) == [1] * K), None)
+    if label is None:
+        label = class_label(K, "class")
+        problems.insert(0, label)
+
+    eps_fn, params = network.eps, network.params
+    snapshot_every = max(1, -(-schedule.num_steps // max(num_snapshots - 1, 1)))
+    predict_x0 = jax.jit(lambda p, x, t, c: jax.vmap(
+        lambda xi, ci: eps_to_x0(xi, eps_fn(p, xi, schedule.timesteps[t - 1], ci), schedule.alpha_bar[t - 1]))(x, c))
+    snapshots = []
+    generating = np.full(samples_per_class * K, K) if generation == "unconditional" else \
+        np.repeat(np.arange(K), samples_per_class)
+    n_paths = min(paths_per_class, samples_per_class)
+    path_index = np.concatenate([np.flatnonzero(generating == c)[:n_paths] for c in np.unique(generating)])
+
+    def snapshot(t, state):
+        x = state.x[jnp.asarray(path_index)]
+        x0 = x if t == 0 else predict_x0(params, x, t, jnp.asarray(generating[path_index]))
+        snapshots.append((t, np.asarray(x), np.asarray(x0)))
+
+    curves = online_curves(
+        network, problems, schedule, samples_per_class=samples_per_class, key=key, sampler=sampler,
+        generation=generation, guidance=guidance, bandwidth=bandwidth, num_resamples=num_resamples,
+        paths_per_class=paths_per_class, batch_size=batch_size, chunk=snapshot_every, progress=progress,
+        after_chunk=snapshot, sharding=trajectory_sharding(len(generating)))
+    per_class = None
+    if generation != "unconditional":
+        per_class = class_curves(curves, label.name, names, jax.random.fold_in(key, 8))
+    return Analysis(curves, per_class, snapshots, names, sampler.describe())
+
+
+def trajectory_sharding(num: int):
+    """Data-parallel over all local devices when `num` trajectories split evenly (else None)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.devices()
+    if len(devices) < 2 or num % len(devices):
+        return None
+    return NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec("data"))
