@@ -139,7 +139,7 @@ def library_step_api():
     import importlib.util
 
     if importlib.util.find_spec("jaxdiff_info.training") is None:
-        return None, "jaxdiff_info/training.py does not exist"
+        return None, "jaxdiff_info.training does not exist"
     try:
         import jaxdiff_info.training as training
     except Exception as e:  # being written by someone else: may be broken for a while

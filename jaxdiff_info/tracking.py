@@ -12,6 +12,9 @@ eps(params, x_t, t, k) with k in 0..K-1 the classes and k = K the null class (un
 
 Sampling, tracking and per-step statistics run in one `lax.scan`; `observe` is a pure
 function of (t, x_t, log P(k | x_t)) for the whole batch whose outputs are stacked over steps.
+
+The formulas: docs/method.md, "Estimator 3: the online Bayesian classifier" and "What
+the online estimator estimates: path posterior and state posterior".
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff_info.schedule import Sampler, Schedule, reverse_mean, reverse_std
+from jaxdiff_info.schedule import Sampler, Schedule, reverse_mean, reverse_std, reverse_step
 
 EpsFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 Observe = Callable[[jax.Array, jax.Array, jax.Array], Any]
@@ -138,3 +141,29 @@ def step_chunks(num_steps: int, chunk: int | None) -> Iterator[np.ndarray]:
     for start in range(0, num_steps, chunk):
         part = ts[start : start + chunk]
         yield np.pad(part, (0, chunk - part.shape[0]))
+
+
+def generate(
+    eps_fn: EpsFn, params, schedule: Schedule, sampler: Sampler, key: jax.Array, x_T: jax.Array, classes: jax.Array
+) -> jax.Array:
+    """The reverse chain x_T -> x_0 of a batch, each trajectory generated with its class.
+
+    eps_fn:  per-example eps(params, x_t, t, k), vmapped over the batch; t is the model's
+             timestep of the step (schedule.timesteps), k = K is the null class
+    sampler: the reverse step (`schedule.reverse_step`); its clip_x0 clips the prediction of x_0
+    key:     the noise: the step from t (t = S..1) uses key number S - t of
+             jax.random.split(key, S), one (N, *shape) draw for the whole batch
+    x_T:     (N, *shape); classes: (N,) int, the class of every trajectory
+    Returns x_0: (N, *shape). One `lax.scan` over the steps S..1, no classifier.
+    """
+    eps_batch = jax.vmap(eps_fn, (None, 0, None, 0))
+
+    def step(x, inputs):
+        t, k = inputs
+        eps = eps_batch(params, x, schedule.timesteps[t - 1], classes)
+        # reverse_step is elementwise given t: one call steps the whole batch
+        return reverse_step(schedule, k, t, x, eps, sampler), None
+
+    S = schedule.num_steps
+    x_0, _ = jax.lax.scan(step, x_T, (jnp.arange(S, 0, -1), jax.random.split(key, S)))
+    return x_0

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff_info import training, unet
+from jaxdiff_info import mixture, tracking, training, unet
 from jaxdiff_info.data import load_dataset, shapes
-from jaxdiff_info.schedule import Sampler, linear_schedule, respace
+from jaxdiff_info.schedule import Sampler, linear_schedule, respace, reverse_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -386,7 +386,7 @@ def test_eight_devices_match_one_and_restore_on_one(eight_device_run, tmp_path):
     assert int(training.train(micro_config(eight_device_run, steps=6), progress=False).step) == 6
 
 
-# --- the sampler of the sample grids ---------------------------------------------------------
+# --- the sampler of the sample grids (tracking.generate) -------------------------------------
 
 @pytest.mark.parametrize("clip", [False, True])
 def test_ancestral_sampler_is_exact_for_a_point_mass(clip):
@@ -396,12 +396,54 @@ def test_ancestral_sampler_is_exact_for_a_point_mass(clip):
     schedule = respace(train, 50)
     x_star = jnp.linspace(-0.9, 0.9, 4 * 4 * 3).reshape(4, 4, 3)
 
-    def eps_fn(x, t):  # t: the model's step, on the training schedule
+    def eps_fn(point, x, t, k):  # one example; t: the model's step, on the training schedule
         abar = train.alpha_bar[t - 1]
-        return (x - jnp.sqrt(abar) * x_star) / jnp.sqrt(1.0 - abar)
+        return (x - jnp.sqrt(abar) * point) / jnp.sqrt(1.0 - abar)
 
     key = jax.random.key(0, impl="rbg")
     x_T = jax.random.normal(key, (16, 4, 4, 3))
-    x_0 = jax.jit(lambda k, x: training.ancestral_sample(eps_fn, schedule, Sampler("ddpm", "small"), k, x,
-                                                          clip=clip))(jax.random.fold_in(key, 1), x_T)
+    sampler = Sampler("ddpm", "small", clip_x0=1.0 if clip else None)
+    classes = jnp.zeros(16, jnp.int32)
+    x_0 = jax.jit(lambda k, x: tracking.generate(eps_fn, x_star, schedule, sampler, k, x, classes))(
+        jax.random.fold_in(key, 1), x_T)
     np.testing.assert_allclose(x_0, jnp.broadcast_to(x_star, x_0.shape), atol=2e-4)
+
+
+@pytest.mark.parametrize("variance", ["small", "large"])
+def test_generate_ends_at_the_class_means_of_point_classes(variance):
+    """On a mixture of points, the exact eps of class k takes every path of class k to m_k."""
+    train = linear_schedule(1000)
+    means = [[-0.8, 0.5], [0.3, -0.6], [0.9, 0.9]]
+    classes = jnp.array([0, 1, 2, 2, 1, 0, 1, 2])
+    x_T = jax.random.normal(jax.random.key(3), (8, 2))
+    points = mixture.make_mixture(means)  # stds 0
+    x_0 = jax.jit(lambda k, x: tracking.generate(mixture.eps_fn(train), points, respace(train, 50),
+                                                 Sampler("ddpm", variance), k, x, classes))(jax.random.key(4), x_T)
+    np.testing.assert_allclose(x_0, np.asarray(means)[classes], atol=2e-4)
+
+
+def test_sample_is_generate_with_the_network_and_equals_batched_steps():
+    """training.sample: x_T from the first key, tracking.generate with the per-example network
+    from the second, clipped; the same numbers, up to rounding, as batched network calls in a
+    loop of schedule.reverse_step whose step from t uses key S - t."""
+    params = unet.init_params(MICRO, jax.random.key(0))  # its output layer starts at zero: perturb all
+    leaves_, tree = jax.tree.flatten(params)
+    params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in
+                                       zip(leaves_, jax.random.split(jax.random.key(5), len(leaves_)))])
+    labels = jnp.array([0, 3, 9, MICRO.null_class])
+    key = jax.random.key(1)
+    x = training.sample(MICRO, params, key, labels, num_steps=5, variance="large", clip=True)
+
+    schedule = respace(linear_schedule(1000), 5)
+    sampler = Sampler("ddpm", "large", clip_x0=1.0)
+    k_init, k_steps = jax.random.split(key)
+    x_t = jax.random.normal(k_init, (4, 32, 32, 3))
+    x_0 = jax.jit(lambda x: tracking.generate(unet.make_eps_fn(MICRO), params, schedule, sampler, k_steps, x,
+                                              labels))(x_t)
+    np.testing.assert_allclose(x, jnp.clip(x_0, -1.0, 1.0), atol=1e-5)
+
+    apply = jax.jit(lambda x, t: unet.apply(MICRO, params, x, jnp.full(4, t), labels))
+    keys = jax.random.split(k_steps, 5)
+    for t in range(5, 0, -1):
+        x_t = reverse_step(schedule, keys[5 - t], t, x_t, apply(x_t, schedule.timesteps[t - 1]), sampler)
+    np.testing.assert_allclose(x, jnp.clip(x_t, -1.0, 1.0), atol=1e-4)  # rounding, amplified by 1 / sqrt(abar_T)

@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     def preset(name: str) -> str:
         """The per-config defaults of a setting, for its help."""
-        return ", ".join(f"{model}: {values[name]:g}" for model, values in training.PRESETS.items())
+        return "default: " + ", ".join(f"{model} {values[name]:g}" for model, values in training.PRESETS.items())
 
     base = training.TrainConfig
     p.add_argument("--config", choices=list(unet.CONFIGS), default=None,
@@ -49,8 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help=f"Adam learning rate after the warm-up ({preset('lr')})")
     p.add_argument("--warmup", type=int, help=f"steps of linear learning-rate warm-up ({preset('warmup')})")
     p.add_argument("--grad-clip", type=float, help=f"clip gradients to this global norm (default {base.grad_clip:g})")
-    p.add_argument("--ema", type=float, help=f"EMA decay of the weights (ddpm: {training.EMA['ddpm']:g}, "
-                                             f"others: {training.DEFAULT_EMA:g})")
+    p.add_argument("--ema", type=float, help=f"EMA decay of the weights (default: ddpm {training.EMA['ddpm']:g}, "
+                                             f"others {training.DEFAULT_EMA:g})")
     p.add_argument("--label-dropout", type=float,
                    help=f"probability of training on the null label (default {base.label_dropout:g})")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
