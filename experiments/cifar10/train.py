@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.cli import run_command
+
 PROG = "python -m experiments.cifar10 train"
 
 # The TrainConfig fields set by flags of the same name; unset, they come from the resumed run,
@@ -96,15 +98,19 @@ def run_from_args(a: argparse.Namespace) -> int:
     from jaxdiff_info import training
 
     start = time.perf_counter()
-    try:
+
+    def command():
         config = config_from_args(a)
-        state = training.train(config, progress=not a.no_progress)
+        return config, training.train(config, progress=not a.no_progress)
+
+    try:
+        status, result = run_command(PROG, command)
     except training.TrainingInterrupted as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 128 + e.signum
-    except ValueError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    if status:
+        return status
+    config, state = result
     step = int(state.step)
     print(f"trained {config.model} on {config.dataset} to step {step} in {time.perf_counter() - start:.0f} s; "
           f"checkpoints in {config.checkpoint_dir}/")

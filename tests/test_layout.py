@@ -1,0 +1,73 @@
+"""The architecture as the imports show it: arrows point one way, from the experiments down to
+the math core, and no library module grows past about 500 lines."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+LIB = Path(__file__).resolve().parents[1] / "jaxdiff_info"
+
+CORE = {"schedule", "mixture", "decisions", "curves"}
+# what each room may import from the library (besides its own package's modules)
+ALLOWED = {
+    # the math core, bottom first
+    "schedule": set(),
+    "decisions": set(),
+    "mixture": {"schedule"},
+    "curves": {"decisions"},
+    # the tracker and the estimators on it
+    "tracking": {"schedule"},
+    "estimators": CORE | {"tracking"},
+    # the research API on those, the image analysis on the API
+    "api": CORE | {"tracking", "estimators"},
+    "analysis": CORE | {"tracking", "api"},
+    # models, data and training: rooms of their own beside the analysis
+    "unet": {"schedule"},
+    "data": set(),
+    "training": {"schedule", "tracking", "unet", "data", "plots", "results"},
+    # the output edge
+    "plots": {"curves", "decisions"},
+    "results": {"curves", "decisions"},
+}
+
+
+def room(path: Path) -> str:
+    parts = path.relative_to(LIB).with_suffix("").parts
+    return parts[0]
+
+
+def library_imports(path: Path) -> set[str]:
+    """The rooms of jaxdiff_info that a module imports (at any depth: lazy imports count)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            if name.startswith("experiments"):
+                found.add("experiments")
+            parts = name.split(".")
+            if parts[0] == "jaxdiff_info" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+MODULES = sorted(p for p in LIB.rglob("*.py") if p != LIB / "__init__.py")
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(LIB)))
+def test_imports_point_down(path):
+    own = room(path)
+    assert own in ALLOWED, f"{own}: a new room; add it to the layout (README and this test)"
+    imported = library_imports(path) - {own}
+    assert "experiments" not in imported, f"{path.name} imports experiments/"
+    assert imported <= ALLOWED[own], f"{path.relative_to(LIB)} imports {sorted(imported - ALLOWED[own])}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(LIB)))
+def test_no_module_is_much_over_500_lines(path):
+    assert len(path.read_text().splitlines()) <= 550, f"{path.relative_to(LIB)}: split it into rooms"
