@@ -53,7 +53,7 @@ def jax_variants(config, params, trajectories: int, steps: int):
     shape = (config.image_size, config.image_size, config.channels)
     state = tracker.init(jax.random.key(0), classes.shape[0], shape, jnp.zeros(K))
 
-    def observe(t, x, log_post):
+    def observe(t, x, log_post, log_ratio):
         return estimators.block_entropy_sums(log_post, membership, blocks)
 
     track = jax.jit(lambda p, s: tracker.run(p, s, classes, ts, observe, False))

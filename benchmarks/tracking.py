@@ -108,7 +108,7 @@ def build_jax_loop(case: Case, seed: int = 0, observe: bool = True, key_impl: st
     classes = jnp.asarray(blocks.classes)
     membership = decisions.membership([decisions.class_label(K)], K)
 
-    def observe_fn(t, x, log_post):  # as in online_block_sums (no record)
+    def observe_fn(t, x, log_post, log_ratio):  # as in online_block_sums (no record)
         return estimators.block_entropy_sums(log_post, membership, blocks)
 
     run = jax.jit(lambda p, s, c, ts: tracker.run(p, s, c, ts, observe_fn if observe else None, False))
@@ -390,7 +390,7 @@ def count_ynn_fusions(case: Case, run_steps: int) -> int:
     tracker = Tracker(gmm.eps_fn(schedule), schedule, SAMPLER, case.num_classes)
     blocks = estimators.make_blocks(case.num_classes, case.per_class)
     membership = decisions.membership([decisions.class_label(case.num_classes)], case.num_classes)
-    observe = lambda t, x, lp: estimators.block_entropy_sums(lp, membership, blocks)  # noqa: E731
+    observe = lambda t, x, lp, ratio: estimators.block_entropy_sums(lp, membership, blocks)  # noqa: E731
     classes = jnp.asarray(blocks.classes)
     state = tracker.init(jax.random.key(0), case.num, (case.dim,), mix.log_weights)
     run = jax.jit(lambda p, s, c, ts: tracker.run(p, s, c, ts, observe, False))

@@ -36,7 +36,8 @@ class Analysis:
     class_curves: the class label's curves over the trajectories of each class, "problems"
     named by class (None for unconditional generation); snapshots: list of
     (t, x_t (M, ...), predicted x_0 (M, ...)) of the recorded trajectories, from t = T down
-    to t = 0 (the generated sample); class_names (K,); sampler: the kernel, in words.
+    to t = 0 (the generated sample), x_0 as the generating kernel predicts it (`kernel_x0`:
+    guidance and clipping included); class_names (K,); sampler: the kernel, in words.
     """
 
     curves: Curves
@@ -111,10 +112,10 @@ def analyze_model(
         label = class_label(K, "class")
         problems.insert(0, label)
 
-    eps_fn, params = network.eps, network.params
+    params = network.params
     snapshot_every = max(1, -(-schedule.num_steps // max(num_snapshots - 1, 1)))
-    predict_x0 = jax.jit(lambda p, x, t, c: jax.vmap(
-        lambda xi, ci: eps_to_x0(xi, eps_fn(p, xi, schedule.timesteps[t - 1], ci), schedule.alpha_bar[t - 1]))(x, c))
+    predict_x0 = jax.jit(jax.vmap(lambda p, x, t, c: kernel_x0(network, schedule, sampler, guidance, p, x, t, c),
+                                  (None, 0, None, 0)))
     snapshots = []
     generating = np.full(samples_per_class * K, K) if generation == "unconditional" else \
         np.repeat(np.arange(K), samples_per_class)
@@ -135,6 +136,20 @@ def analyze_model(
     if generation != "unconditional":
         per_class = class_curves(curves, label.name, names, jax.random.fold_in(key, 8))
     return Analysis(curves, per_class, snapshots, names, sampler.describe())
+
+
+def kernel_x0(network: Network, schedule: Schedule, sampler: Sampler, guidance: float, params, x_t, t, c):
+    """The prediction of x_0 that the generating kernel of class c uses at step t (c = K: the
+    null class): from eps_c + w (eps_c - eps_null) for a guided class, clipped to
+    [-clip_x0, clip_x0] when the sampler clips."""
+    K = network.num_classes
+    step = schedule.timesteps[t - 1]
+    eps = network.eps(params, x_t, step, c)
+    if guidance != 0.0:
+        guided = eps + guidance * (eps - network.eps(params, x_t, step, K))
+        eps = jnp.where(c < K, guided, eps)
+    x0 = eps_to_x0(x_t, eps, schedule.alpha_bar[t - 1])
+    return x0 if sampler.clip_x0 is None else jnp.clip(x0, -sampler.clip_x0, sampler.clip_x0)
 
 
 def trajectory_sharding(num: int):

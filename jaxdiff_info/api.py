@@ -23,11 +23,19 @@ from jaxdiff_info import estimators
 from jaxdiff_info import mixture as gmm
 from jaxdiff_info.curves import Curves, curves_from_blocks, curves_from_profiles
 from jaxdiff_info.decisions import DecisionProblem, ProblemArrays, problem_arrays
-from jaxdiff_info.schedule import Sampler, Schedule
+from jaxdiff_info.schedule import Sampler, Schedule, reverse_std
 from jaxdiff_info.tracking import EpsFn, Tracker
 
 DEFAULT_SAMPLER = Sampler("ddpm", "small")
 GENERATIONS = ("conditional", "unconditional")
+
+# What an estimator's posterior is (docs/method.md, "path posterior and state posterior")
+STATE_EXACT_POSTERIOR = "state (exact posterior)"
+STATE_EXACT_KERNEL = "state (exact kernel)"
+STATE_DDPM = "state (DDPM approximation)"
+PATH = "path"
+# float32 rounding of x_t must stay below this fraction of the smallest reverse-step std
+FLOAT32_TOLERANCE = 0.01
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -76,9 +84,10 @@ def exact_curves(mixture: gmm.GaussianMixture, problems: Sequence[DecisionProble
     """H(Z | X_t) of a 1-D mixture by quadrature at every step of `schedule`, with its exact
     (unsmoothed) rate. No intervals: the error is that of the quadrature (< 1e-4 bits)."""
     arrays = _mixture_problems(mixture, problems)
-    profiles = estimators.quadrature_class_entropy(mixture, schedule, arrays.membership)
-    return curves_from_profiles(_time(schedule), profiles, arrays, estimator="exact",
-                                method="exact: quadrature of E[h(P(z | x_t))] over p(x_t), state posterior")
+    profiles = estimators.quadrature_class_entropy(gmm.centred(mixture)[0], schedule, arrays.membership)
+    curves = curves_from_profiles(_time(schedule), profiles, arrays, estimator="exact",
+                                  method="exact: quadrature of E[h(P(z | x_t))] over p(x_t), state posterior")
+    return dataclasses.replace(curves, posterior=STATE_EXACT_POSTERIOR)
 
 
 # --- 2. forward Monte Carlo ---------------------------------------------------------------------
@@ -93,11 +102,12 @@ def forward_mc_curves(mixture: gmm.GaussianMixture, problems: Sequence[DecisionP
     arrays = _mixture_problems(mixture, problems)
     _check_bandwidth(bandwidth)
     blocks = estimators.make_blocks(mixture.num_components, samples_per_class, num_blocks)
-    sums = estimators.forward_mc_block_sums(mixture, schedule, arrays.membership, blocks, key)
-    return curves_from_blocks(
+    sums = estimators.forward_mc_block_sums(gmm.centred(mixture)[0], schedule, arrays.membership, blocks, key)
+    curves = curves_from_blocks(
         jax.random.fold_in(key, 7) if bootstrap_key is None else bootstrap_key, _time(schedule), sums, blocks.counts,
         arrays, bandwidth=bandwidth, num_resamples=num_resamples, estimator="forward_mc",
         method="forward Monte Carlo: x_t ~ q(x_t | k) at each t independently, exact state posterior")
+    return dataclasses.replace(curves, posterior=STATE_EXACT_POSTERIOR)
 
 
 # --- 3. online ---------------------------------------------------------------------------------
@@ -118,6 +128,7 @@ def online_curves(
     paths_per_class: int = 4,
     record_x: bool = False,
     batch_size: int | None = None,
+    path_posterior: bool = False,
     bootstrap_key: jax.Array | None = None,
     chunk: int | None = None,
     progress: Callable[[int], None] | None = None,
@@ -139,6 +150,14 @@ def online_curves(
     class (path_index), their x_t (T, M, *shape) with record_x, and mean_posterior (T, C, K),
     P(k | x_t) averaged over the trajectories of each generating class.
 
+    The result's `posterior` says which posterior was tracked (`posterior_kind`): the state
+    posterior P(k | x_t) when the kernels are exact reverses of the forward chain (or
+    approximately so), else a path posterior; DDIM with eta < 1 is refused unless
+    path_posterior=True. Unconditional generation with guidance is refused: its kernels mix.
+    For a mixture, `exact_state` holds the curves of the exact P(k | x_t) at the same
+    trajectories (conditional generation), so the size of the path effect shows; the mixture
+    is centred first (H is unchanged) and refused where float32 cannot resolve the steps.
+
     Advanced: batch_size (trajectories per network call: bounds memory, same numbers);
     chunk (steps per compiled call), progress(steps_done), after_chunk(t, TrackState) (at
     x_T first, then after every chunk; t = 0 is the generated sample); sharding of the
@@ -148,10 +167,22 @@ def online_curves(
         raise ValueError(f"unknown generation {generation!r}; choose conditional or unconditional")
     _check_bandwidth(bandwidth)
     unconditional = generation == "unconditional"
+    if unconditional and guidance != 0.0:
+        raise ValueError(
+            "unconditional generation with guidance moves the paths with the unguided null kernel but updates "
+            "P(k | x_t) with guided class kernels, so the result is not a posterior; use guidance 0 with "
+            "unconditional generation, or conditional generation with guidance")
     with_null = unconditional or guidance != 0.0
+    shift = None
+    state_log_posterior = None
     if isinstance(model, gmm.GaussianMixture):
-        eps, params, shape = gmm.eps_fn(schedule, with_null=with_null), model, (model.dim,)
+        mix, shift = gmm.centred(model)  # H is unchanged by the move; float32 is not
+        _check_float32_range(mix, schedule, sampler)
+        eps, params, shape = gmm.eps_fn(schedule, with_null=with_null), mix, (model.dim,)
         num_classes, log_prior = model.num_components, model.log_weights
+        if not unconditional:
+            state_log_posterior = lambda t, x: jax.vmap(gmm.log_posterior, (None, 0, None))(  # noqa: E731
+                mix, x, schedule.alpha_bar[t - 1])
     elif isinstance(model, Network):
         eps, params, shape = model.eps, model.params, tuple(model.shape)
         num_classes, log_prior = model.num_classes, model.log_prior()
@@ -159,7 +190,8 @@ def online_curves(
         raise ValueError(f"model must be a GaussianMixture or a Network, got {type(model).__name__}")
     K = num_classes
     arrays = problem_arrays(problems, np.exp(np.asarray(log_prior, np.float64)))
-    tracker = Tracker(eps, schedule, sampler, K, guidance=guidance, batch_size=batch_size)
+    tracker = Tracker(eps, schedule, sampler, K, guidance=guidance, batch_size=batch_size,
+                      path_posterior=path_posterior)
     if unconditional:
         blocks = estimators.make_blocks(1, samples_per_class * K, num_blocks)
         generating = np.full(blocks.per_class, K)
@@ -171,26 +203,80 @@ def online_curves(
         block_arrays = arrays
     n_paths = min(paths_per_class, blocks.per_class)
     path_index = np.concatenate([np.flatnonzero(generating == c)[:n_paths] for c in np.unique(generating)])
+    alpha_bar = np.asarray(schedule.alpha_bar, np.float64)
+
+    def moved_back(x, t):
+        """x_t of the centred mixture in the given mixture's coordinates (t = 0: x_0)."""
+        if shift is None:
+            return x
+        return x + (np.sqrt(alpha_bar[t - 1]) if t > 0 else 1.0) * shift.astype(np.float32)
 
     def record(x, log_post):
         mean_post = blocks.sums(jnp.exp(log_post)).sum(axis=1) / blocks.per_class  # (C, K)
         return log_post[path_index], mean_post, (x[path_index] if record_x else None)
 
+    def chunk_done(t, state):
+        after_chunk(t, dataclasses.replace(state, x=moved_back(np.asarray(state.x), t)))
+
     run = estimators.online_block_sums(
         tracker, params, log_prior, shape, arrays.membership, blocks, key, record=record, chunk=chunk,
-        progress=progress, unconditional=unconditional, after_chunk=after_chunk, sharding=sharding)
+        progress=progress, unconditional=unconditional, after_chunk=chunk_done if after_chunk else None,
+        sharding=sharding, state_log_posterior=state_log_posterior)
     path_log_post, mean_post, path_x = run.paths
+    if path_x is not None and shift is not None:
+        path_x = path_x + (np.sqrt(alpha_bar)[:, None, None] * shift).astype(np.float32)
     trajectories = estimators.OnlineRun(
-        run.block_sums, run.x_0, run.log_posterior, run.paths, classes=generating, path_index=path_index,
-        path_log_posterior=path_log_post, path_x=path_x, mean_posterior=mean_post)
+        run.block_sums, moved_back(run.x_0, 0), run.log_posterior, run.paths, classes=generating,
+        path_index=path_index, path_log_posterior=path_log_post, path_x=path_x, mean_posterior=mean_post,
+        state_block_sums=run.state_block_sums)
+    posterior = posterior_kind(model, sampler, guidance)
     kernel = sampler.describe() + (f", classifier-free guidance w = {guidance:g}" if guidance else "")
+    weighting = ", importance-weighted by path likelihood ratios" if unconditional else ""
+    boot_key = jax.random.fold_in(key, 7) if bootstrap_key is None else bootstrap_key
     curves = curves_from_blocks(
-        jax.random.fold_in(key, 7) if bootstrap_key is None else bootstrap_key, _time(schedule), run.block_sums,
-        blocks.counts, block_arrays, bandwidth=bandwidth, num_resamples=num_resamples, estimator="online",
-        method=f"online classifier: P(k | x_t, ..., x_T) tracked along {generation} trajectories of {kernel}")
-    curves = dataclasses.replace(curves, problems=arrays.problems, prior_entropy_bits=arrays.prior_entropy_bits,
-                                 trajectories=trajectories)
-    return curves
+        boot_key, _time(schedule), run.block_sums, blocks.counts, block_arrays, bandwidth=bandwidth,
+        num_resamples=num_resamples, estimator="online",
+        method=f"online classifier: P(k | x_t, ..., x_T) tracked along {generation} trajectories of {kernel}"
+               f"{weighting}; {posterior} posterior")
+    exact_state = None
+    if run.state_block_sums is not None:
+        exact_state = curves_from_blocks(
+            boot_key, _time(schedule), run.state_block_sums, blocks.counts, block_arrays, bandwidth=bandwidth,
+            num_resamples=num_resamples, estimator="online_state",
+            method=f"exact state posterior P(k | x_t) of the mixture at the x_t of the online trajectories "
+                   f"({kernel})")
+        exact_state = dataclasses.replace(exact_state, posterior=STATE_EXACT_POSTERIOR)
+    return dataclasses.replace(curves, problems=arrays.problems, prior_entropy_bits=arrays.prior_entropy_bits,
+                               trajectories=trajectories, posterior=posterior, exact_state=exact_state)
+
+
+def posterior_kind(model: Model, sampler: Sampler, guidance: float = 0.0) -> str:
+    """Which posterior the online classifier tracks (docs/method.md): "path" for DDIM with
+    eta < 1 or guided kernels; "state (exact kernel)" for DDPM with beta~_t (or DDIM eta = 1)
+    on a mixture of points without clipping, where each class kernel is the exact reverse of
+    its forward chain; "state (DDPM approximation)" otherwise."""
+    if guidance != 0.0 or (sampler.kind == "ddim" and sampler.eta < 1):
+        return PATH
+    exact_step = (sampler.kind == "ddpm" and sampler.variance == "small") or (sampler.kind == "ddim" and sampler.eta == 1)
+    points = isinstance(model, gmm.GaussianMixture) and bool(np.all(np.asarray(model.stds) == 0))
+    return STATE_EXACT_KERNEL if points and exact_step and sampler.clip_x0 is None else STATE_DDPM
+
+
+def float32_range(schedule: Schedule, sampler: Sampler) -> float:
+    """The largest |x| at which float32 resolves the online classifier's steps: its rounding
+    (2^-24 |x|) stays below FLOAT32_TOLERANCE of the smallest reverse-step std."""
+    sigmas = np.asarray(jax.vmap(lambda t: reverse_std(schedule, t, sampler))(jnp.arange(2, schedule.num_steps + 1)))
+    return FLOAT32_TOLERANCE * float(sigmas.min()) * 2.0**24
+
+
+def _check_float32_range(mixture: gmm.GaussianMixture, schedule: Schedule, sampler: Sampler) -> None:
+    span = float(np.abs(np.asarray(mixture.means)).max() + 6.0 * np.asarray(mixture.stds).max() + 6.0)
+    limit = float32_range(schedule, sampler)
+    if span > limit:
+        raise ValueError(
+            f"the mixture spans +-{span:.3g} about its mean (means, 6 stds and 6 noise stds); float32 tracks the "
+            f"posterior on this schedule only within +-{limit:.3g}, where the rounding of x_t stays below "
+            f"{FLOAT32_TOLERANCE:.0%} of the smallest reverse-step std; rescale the means and stds")
 
 
 def _check_bandwidth(bandwidth: float) -> None:

@@ -47,6 +47,17 @@ def rate_operator(time: np.ndarray, bandwidth: float = 0.0) -> np.ndarray:
     return _rate_operator(t.tobytes(), float(bandwidth)).copy()
 
 
+def smoothing_operator(time: np.ndarray, bandwidth: float = 0.0) -> np.ndarray:
+    """(T, T) linear map S with S @ H the value of the same local quadratic fit whose slope
+    `rate_operator` takes (the identity for bandwidth 0). Half-entropy times of Monte Carlo
+    curves are read off the smoothed curve, so that independent noise at each t does not
+    make a late crossing out of an early one."""
+    t = np.asarray(time, np.float64)
+    if bandwidth <= 0:
+        return np.eye(t.shape[0])
+    return _local_quadratic(t.tobytes(), float(bandwidth))[0].copy()
+
+
 @functools.lru_cache(maxsize=8)
 def _rate_operator(time_bytes: bytes, bandwidth: float) -> np.ndarray:
     t = np.frombuffer(time_bytes, np.float64)
@@ -59,13 +70,23 @@ def _rate_operator(time_bytes: bytes, bandwidth: float) -> np.ndarray:
             j = np.arange(min(max(i - 1, 0), n - 3), min(max(i - 1, 0), n - 3) + 3)
             d[i, j] = _lagrange_slope(t[j], t[i])
         return d
+    return _local_quadratic(time_bytes, bandwidth)[1]
+
+
+@functools.lru_cache(maxsize=8)
+def _local_quadratic(time_bytes: bytes, bandwidth: float) -> tuple[np.ndarray, np.ndarray]:
+    """(value, slope) operators of the Gaussian-weighted local quadratic fit at every t."""
+    t = np.frombuffer(time_bytes, np.float64)
+    if t.shape[0] < 3:
+        raise ValueError("the entropy rate needs at least 3 time points")
     bandwidth = max(bandwidth, 1.5 * float(np.max(np.diff(t))))
     delta = t[None, :] - t[:, None]  # (target i, source j)
     w = np.exp(-0.5 * (delta / bandwidth) ** 2)
     s0, s1, s2, s3, s4 = (np.sum(w * delta**power, axis=1) for power in range(5))
     gram = np.stack([np.stack([s0, s1, s2], -1), np.stack([s1, s2, s3], -1), np.stack([s2, s3, s4], -1)], -2)
-    row = np.linalg.inv(gram)[:, 1, :]  # the slope's row of the inverse normal matrix, (T, 3)
-    return w * (row[:, :1] + row[:, 1:2] * delta + row[:, 2:] * delta**2)
+    inv = np.linalg.inv(gram)
+    basis = lambda row: w * (row[:, :1] + row[:, 1:2] * delta + row[:, 2:] * delta**2)  # noqa: E731
+    return basis(inv[:, 0, :]), basis(inv[:, 1, :])  # the intercept's and the slope's rows
 
 
 def _lagrange_slope(nodes: np.ndarray, at: float) -> np.ndarray:
@@ -190,7 +211,8 @@ class Curves:
     entropy_bits:       (P, T) H(Z | X_t) in bits
     entropy_rate:       (P, T) dH/d(t/T) in bits per unit of t/T (smoothed with rate_bandwidth)
     peak_time:          (P,) t/T of the largest rate
-    half_time:          (P,) t/T by which half of H(Z) is resolved (`half_entropy_time`);
+    half_time:          (P,) t/T by which half of H(Z) is resolved (`half_entropy_time` of
+                        the curve smoothed with rate_bandwidth, `smoothing_operator`);
                         0 where H never halves (`halves` is False there)
     *_ci95:             95% percentile-bootstrap intervals, Monte Carlo estimators only
                         (None for the exact one): entropy_bits_ci95, entropy_rate_ci95 (P, T, 2);
@@ -199,6 +221,11 @@ class Curves:
     trajectories:       the online estimator's generated trajectories (`estimators.OnlineRun`)
     resampling:         the block sums (T, K, B, P) and block counts (K, B) the intervals were
                         drawn from, and the bootstrap key (Monte Carlo estimators)
+    posterior:          which posterior the entropies are of: "state (exact posterior)",
+                        "state (exact kernel)", "state (DDPM approximation)" or "path"
+                        (docs/method.md, "path posterior and state posterior")
+    exact_state:        online estimator on a mixture: the Curves of the exact state posterior
+                        P(k | x_t) at the same trajectories (estimator "online_state")
 
     ``curves["6 vs 8"]`` gives one problem's curves (`ProblemCurves`).
     """
@@ -220,6 +247,8 @@ class Curves:
     rate_bandwidth: float = 0.0
     trajectories: Any = None
     resampling: Any = None
+    posterior: str = ""
+    exact_state: Any = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -248,15 +277,16 @@ class Curves:
 
 
 @functools.partial(jax.jit, static_argnames="num_resamples")
-def _curves(time, rate_op, class_entropy, class_weights, key, block_sums, block_counts, num_resamples):
-    """Entropy, rate, peak and half-entropy time of the point estimate and of bootstrap
-    resamples, in one program (time-major: (T, P) and (T, K, P))."""
+def _curves(time, rate_op, smooth_op, class_entropy, class_weights, key, block_sums, block_counts, num_resamples):
+    """Entropy, rate, peak and half-entropy time (on the smoothed curve) of the point estimate
+    and of bootstrap resamples, in one program (time-major: (T, P) and (T, K, P))."""
     time_index = jnp.arange(rate_op.shape[0])
 
     def summarise(ce):
         h = problem_entropy(ce, class_weights)
         r = jnp.einsum("st,...tp->...sp", rate_op, h, precision=jax.lax.Precision.HIGHEST)
-        return h, r, jnp.argmax(r, axis=-2), half_entropy_time(time, h)
+        smooth = jnp.einsum("st,...tp->...sp", smooth_op, h, precision=jax.lax.Precision.HIGHEST)
+        return h, r, jnp.argmax(r, axis=-2), half_entropy_time(time, smooth)
 
     point = summarise(class_entropy)
     if block_sums is None:
@@ -297,8 +327,9 @@ def _assemble(time, class_entropy, problems, estimator, method, bandwidth, key=N
               block_counts=None, num_resamples=0) -> Curves:
     time = np.asarray(time)
     rate_op = jnp.asarray(rate_operator(time, bandwidth), jnp.float32)
+    smooth_op = jnp.asarray(smoothing_operator(time, bandwidth), jnp.float32)
     args = (jnp.asarray(block_sums), jnp.asarray(block_counts)) if block_sums is not None else (None, None)
-    (h, r, peak, half), ci = _curves(jnp.asarray(time, jnp.float32), rate_op, jnp.asarray(class_entropy),
+    (h, r, peak, half), ci = _curves(jnp.asarray(time, jnp.float32), rate_op, smooth_op, jnp.asarray(class_entropy),
                                      jnp.asarray(problems.class_weights, jnp.float32), key, *args, num_resamples)
     curves = Curves(
         estimator=estimator, method=method, problems=tuple(problems.problems),

@@ -204,43 +204,23 @@ def problem_entropy_bits(log_posterior: jax.Array, membership: jax.Array) -> jax
 
 
 def batch_problem_entropy_bits(log_posterior: jax.Array, membership: np.ndarray) -> jax.Array:
-    """(N, P) h(P(z | x_t)) in bits for a batch (N, K) of log P(k | x_t): the hot-loop form of
-    `problem_entropy_bits`, with K exponentials and one logarithm per multi-class group and
-    per problem (singleton groups reuse log P(k | x_t)).
+    """(N, P) h(P(z | x_t)) in bits for a batch (N, K) of log P(k | x_t): `problem_entropy_bits`
+    for every row, as a few batched contractions.
 
-    With s_k = log P(k | x_t) - max_j log P(j | x_t), e_k = exp(s_k), group masses q = M e and
-    Z_p = sum_j q_pj: h_p = log Z_p - sum_j q_pj log q_pj / Z_p. Where Z_p < 1e-30, i.e. the
-    problem's own classes have total posterior below 1e-30 relative to the likeliest class,
-    h_p is set to 0: such points carry less than 1e-30 of the problem's probability mass
-    (for x_t drawn from a class c of the problem, P(P(c | x_t) < eps) <= eps / pi_c).
-    `membership` (P, G, K) must be a concrete (numpy) array.
+    As there, each problem's classes are rescaled by its likeliest included class,
+    e_pk = exp(log P(k | x_t) - max_{j in problem p} log P(j | x_t)), so the problem's total
+    Z_p = sum_j q_pj >= 1 whatever the posterior mass of its classes (a problem about classes
+    of prior weight 1e-33 is resolved as well as any other), and
+    h_p = log Z_p - sum_j q_pj log q_pj / Z_p. `membership` (P, G, K) must be concrete (numpy).
     """
     m = np.asarray(membership, bool)
-    num_problems, num_groups, _ = m.shape
-    groups = m.reshape(num_problems * num_groups, -1)
-    size = groups.sum(axis=1)
-    owner = np.repeat(np.arange(num_problems), num_groups)
-    single, multi = np.flatnonzero(size == 1), np.flatnonzero(size > 1)
-    dtype = log_posterior.dtype
+    included = jnp.asarray(m.any(axis=1))  # (P, K)
+    groups = jnp.asarray(m, log_posterior.dtype)  # (P, G, K)
+    masked = jnp.where(included, log_posterior[:, None, :], -jnp.inf)  # (N, P, K)
+    e = jnp.exp(masked - jnp.max(masked, axis=-1, keepdims=True))  # 0 for classes left out
     # the small contractions as broadcast-and-sum: plain float32 sums on every backend
-    dot = lambda a, b: jnp.sum(a[..., :, None] * b, axis=-2)  # noqa: E731
-
-    s = log_posterior - jnp.max(log_posterior, axis=-1, keepdims=True)
-    e = jnp.exp(s)
-    e_log_e = jnp.where(e > 0, e * s, 0.0)
-    z = dot(e, jnp.asarray(m.any(axis=1).T, dtype))  # (N, P)
-    # sum over groups of q log q, per problem: singletons from e log e, the rest with a log each
-    single_to_problem = np.zeros((m.shape[2], num_problems))
-    for g in single:
-        single_to_problem[np.flatnonzero(groups[g])[0], owner[g]] += 1.0
-    q_log_q = dot(e_log_e, jnp.asarray(single_to_problem, dtype))
-    if multi.size:
-        q = dot(e, jnp.asarray(groups[multi].T, dtype))  # (N, n_multi)
-        q_log_q_multi = jnp.where(q > 0, q * jnp.log(jnp.where(q > 0, q, 1.0)), 0.0)
-        multi_to_problem = np.zeros((multi.size, num_problems))
-        multi_to_problem[np.arange(multi.size), owner[multi]] = 1.0
-        q_log_q = q_log_q + dot(q_log_q_multi, jnp.asarray(multi_to_problem, dtype))
-    ok = z > 1e-30
-    z_safe = jnp.where(ok, z, 1.0)
-    h = jnp.where(ok, jnp.log(z_safe) - q_log_q / z_safe, 0.0) / LOG2
+    q = jnp.sum(e[:, :, None, :] * groups, axis=-1)  # (N, P, G)
+    z = jnp.sum(q, axis=-1)  # (N, P), >= 1
+    q_log_q = jnp.where(q > 0, q * jnp.log(jnp.where(q > 0, q, 1.0)), 0.0)
+    h = (jnp.log(z) - jnp.sum(q_log_q, axis=-1) / z) / LOG2
     return jnp.maximum(h, 0.0)  # float32 rounding near 0

@@ -67,13 +67,20 @@ def make_blocks(num_classes: int, per_class: int, num_blocks: int = 32) -> Block
 
 
 def block_entropy_sums(log_posterior: jax.Array, membership: np.ndarray, blocks: Blocks,
-                       log_prior: jax.Array | None = None) -> jax.Array:
+                       log_prior: jax.Array | None = None, log_ratio: jax.Array | None = None) -> jax.Array:
     """(K, B, P) sums of h(P(z | x_t)) in bits over each block, from (N, K) log P(k | x_t).
 
-    With `log_prior` (K,), for trajectories drawn from the whole model (unconditional
-    generation, a single block layout of one "class"): each h_p is weighted by
-    P(S_p | x_t) / pi_{S_p}, which turns an average over x_t ~ p into one over x_t drawn from
-    the problem's own classes S_p, p_S(x) = p(x) P(S | x) / pi_S.
+    With `log_prior` (K,), for trajectories generated with the null kernel (unconditional
+    generation, a single block layout of one "class"): each h_p is weighted by the likelihood
+    ratio of the path under the problem's classes S_p and under the kernel that generated it,
+
+        w_p = sum_{k in S_p} pi_k p_k(path) / (pi_{S_p} p_null(path))
+            = P(S_p | path) / pi_{S_p} * exp(log_ratio),
+
+    log_ratio (N,) = log [sum_k pi_k p_k(path) / p_null(path)] (`TrackState.log_ratio`; None
+    reads as 0, exact when the null kernel's paths are distributed as the mixture of the class
+    kernels'). This turns an average over the null kernel's paths into one over the paths of
+    the problem's own classes.
     """
     h = batch_problem_entropy_bits(log_posterior, membership)
     if log_prior is not None:
@@ -81,7 +88,10 @@ def block_entropy_sums(log_posterior: jax.Array, membership: np.ndarray, blocks:
         mask = jnp.where(jnp.asarray(included), 0.0, -jnp.inf)
         log_mass = jax.nn.logsumexp(log_posterior[:, None, :] + mask, axis=-1)  # (N, P)
         log_prior_mass = jax.nn.logsumexp(log_prior + mask, axis=-1)  # (P,)
-        h = h * jnp.exp(log_mass - log_prior_mass)
+        log_w = log_mass - log_prior_mass
+        if log_ratio is not None:
+            log_w = log_w + log_ratio[:, None]
+        h = h * jnp.exp(log_w)
     return blocks.sums(h)
 
 
@@ -172,7 +182,8 @@ class OnlineRun:
     """Result of `online_block_sums`, in step order t = 1..T.
 
     block_sums (T, K, B, P); x_0 (N, *shape) the generated samples; final log P(k | x_1)
-    (N, K); paths: whatever `record` returned at each step, stacked (T, ...).
+    (N, K); paths: whatever `record` returned at each step, stacked (T, ...);
+    state_block_sums (T, K, B, P): the same with the exact state posterior, when asked for.
 
     Filled in by `jaxdiff_info.online_curves`: classes (N,) the generating class of every
     trajectory (K: the null class); path_index (M,) the recorded trajectories;
@@ -190,6 +201,7 @@ class OnlineRun:
     path_log_posterior: np.ndarray | None = None
     path_x: np.ndarray | None = None
     mean_posterior: np.ndarray | None = None
+    state_block_sums: np.ndarray | None = None
 
 
 def online_block_sums(
@@ -206,6 +218,7 @@ def online_block_sums(
     unconditional: bool = False,
     after_chunk=None,
     sharding=None,
+    state_log_posterior=None,
 ) -> OnlineRun:
     """Generate `blocks.per_class` trajectories of every class with `tracker` and return the
     per-step block sums of the problem entropies, in one compiled scan (run in chunks of
@@ -217,7 +230,12 @@ def online_block_sums(
     after_chunk(t, state): called with the state at x_t before the first chunk (t = T) and after
         every chunk (e.g. for snapshots; t = 0 is the generated sample).
     sharding: a jax.sharding.Sharding for the trajectory axis (data-parallel over devices).
+    state_log_posterior(t, x_t) -> (N, K): the exact log P(k | x_t) of the model (mixtures),
+        for a second readout of the same trajectories (OnlineRun.state_block_sums);
+        conditional generation only.
     """
+    if state_log_posterior is not None and unconditional:
+        raise ValueError("the exact state posterior readout is for conditional generation")
     num_classes = tracker.num_classes
     if unconditional:
         if blocks.num_classes != 1:
@@ -229,9 +247,13 @@ def online_block_sums(
     num_steps = tracker.schedule.num_steps
     prior_for_weights = jax.nn.log_softmax(jnp.asarray(log_prior)) if unconditional else None
 
-    def observe(t, x, log_post):
-        sums = block_entropy_sums(log_post, membership, blocks, prior_for_weights)
-        return sums, (record(x, log_post) if record is not None else None)
+    def observe(t, x, log_post, log_ratio):
+        sums = block_entropy_sums(log_post, membership, blocks, prior_for_weights,
+                                  log_ratio if unconditional else None)
+        state_sums = None
+        if state_log_posterior is not None:
+            state_sums = block_entropy_sums(state_log_posterior(t, x), membership, blocks)
+        return sums, state_sums, (record(x, log_post) if record is not None else None)
 
     with_null = unconditional or tracker.guidance != 0.0
     run = jax.jit(lambda p, s, c, ts: tracker.run(p, s, c, ts, observe, with_null))
@@ -239,7 +261,8 @@ def online_block_sums(
     state = init(key, jnp.asarray(log_prior))
     if sharding is not None:
         classes = jax.device_put(classes, sharding)
-        state = TrackState(jax.device_put(state.x, sharding), jax.device_put(state.log_posterior, sharding), state.key)
+        state = TrackState(jax.device_put(state.x, sharding), jax.device_put(state.log_posterior, sharding), state.key,
+                           jax.device_put(state.log_ratio, sharding))
     if after_chunk is not None:
         after_chunk(num_steps, state)
     outputs = []
@@ -252,5 +275,5 @@ def online_block_sums(
         if after_chunk is not None:
             after_chunk(int(ts[ts > 0][-1]) - 1, state)
     out = jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:num_steps][::-1], *outputs)
-    sums, paths = out
-    return OnlineRun(sums, np.asarray(state.x), np.asarray(state.log_posterior), paths)
+    sums, state_sums, paths = out
+    return OnlineRun(sums, np.asarray(state.x), np.asarray(state.log_posterior), paths, state_block_sums=state_sums)

@@ -176,7 +176,30 @@ def eps_fn(schedule: Schedule, with_null: bool = True):
         e = jnp.sqrt(1.0 - alpha_bar) * (x_t - jnp.sqrt(alpha_bar) * mixture.means[j]) / v
         return jnp.where(k < mixture.num_components, e, jnp.nan)
 
-    return mixture_eps if with_null else class_eps
+    def check_schedule(sampling: Schedule) -> None:
+        """Refuse a sampling schedule whose steps this eps was not built for."""
+        mine = dict(zip(np.asarray(schedule.timesteps).tolist(), np.asarray(schedule.alpha_bar, np.float64)))
+        for t, ab in zip(np.asarray(sampling.timesteps).tolist(), np.asarray(sampling.alpha_bar, np.float64)):
+            if t not in mine or abs(mine[t] - ab) > 1e-6:
+                raise ValueError(
+                    f"the mixture's eps was built for another schedule (it has no step at model timestep {t} with "
+                    f"alpha_bar {ab:.6g}); build it with mixture.eps_fn of the schedule you sample with, or of "
+                    f"the schedule that one was respaced from")
+
+    fn = mixture_eps if with_null else class_eps
+    fn.check_schedule = check_schedule
+    return fn
+
+
+def centred(mixture: GaussianMixture) -> tuple[GaussianMixture, np.ndarray]:
+    """The mixture moved so that its mean is 0, and the shift (d,) that was taken off.
+
+    Every class posterior is unchanged by the move (x_t moves by sqrt(abar_t) * shift), so
+    entropies can be computed on the centred mixture, where float32 does not cancel.
+    """
+    shift = np.asarray(mixture.weights, np.float64) @ np.asarray(mixture.means, np.float64)
+    means = jnp.asarray(np.asarray(mixture.means, np.float64) - shift, jnp.float32)
+    return GaussianMixture(means, mixture.stds, mixture.log_weights), shift
 
 
 # --- sampling ----------------------------------------------------------------------------

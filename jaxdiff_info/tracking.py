@@ -29,17 +29,21 @@ import numpy as np
 from jaxdiff_info.schedule import Sampler, Schedule, reverse_mean, reverse_std, reverse_step
 
 EpsFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
-Observe = Callable[[jax.Array, jax.Array, jax.Array], Any]
+Observe = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], Any]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrackState:
-    """x: (N, *shape) current x_t; log_posterior: (N, K) log P(k | x_t); key: noise key."""
+    """x: (N, *shape) current x_t; log_posterior: (N, K) log P(k | x_t, ..., x_T); key: noise key;
+    log_ratio: (N,) log [sum_k pi_k p_k(path) / p_null(path)], the density of each path so far
+    under the class kernels' mixture over its density under the null kernel (0 until a step
+    with the null kernel is taken; None is read as 0)."""
 
     x: jax.Array
     log_posterior: jax.Array
     key: jax.Array
+    log_ratio: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -54,6 +58,8 @@ class Tracker:
                  eps_k + w (eps_k - eps_null); 0 = plain class-conditional kernels
     batch_size:  trajectories per network call; None = all N in one call (N * K examples).
                  Smaller values bound memory and give the same numbers.
+    path_posterior: allow kernels whose tracked posterior is a path posterior only (DDIM
+                 with eta < 1); refused otherwise
     """
 
     eps_fn: EpsFn
@@ -63,12 +69,24 @@ class Tracker:
     guidance: float = 0.0
     batch_size: int | None = None
 
+    path_posterior: bool = False
+
     def __post_init__(self):
         if not self.sampler.stochastic:
             raise ValueError(
                 "the online classifier needs a stochastic sampler (DDPM, or DDIM with eta > 0): "
                 "a deterministic step carries no likelihood to update on"
             )
+        if self.sampler.kind == "ddim" and self.sampler.eta < 1 and not self.path_posterior:
+            raise ValueError(
+                f"DDIM with eta = {self.sampler.eta:g} < 1 is not the reverse of the forward chain: the tracked "
+                "P(k | x_t, ..., x_T) would be a path posterior, not the state posterior P(k | x_t) "
+                "(docs/method.md); use DDPM or eta = 1, or ask for the path posterior explicitly "
+                "(path_posterior=True)"
+            )
+        check = getattr(self.eps_fn, "check_schedule", None)
+        if check is not None:
+            check(self.schedule)
 
     # --- one trajectory, one step ------------------------------------------------------
 
@@ -76,8 +94,14 @@ class Tracker:
         """One reverse step of one trajectory generated with class c (c = K: unconditional).
 
         x: (*shape), log_w: (K,) normalised log-posterior at x_t, z: (*shape) N(0, I) noise.
-        Returns x_{t-1} and log P(k | x_{t-1}).
+        Returns x_{t-1} and log P(k | x_{t-1}, ..., x_T).
         """
+        x_prev, log_w_prev, _ = self.step_with_ratio(params, t, x, log_w, c, z, with_null)
+        return x_prev, log_w_prev
+
+    def step_with_ratio(self, params, t, x, log_w, c, z, with_null: bool):
+        """`step_one`, and the step's increment of TrackState.log_ratio (0 without the null
+        class): log sum_k P(k | path) N(x_{t-1}; mu_k, sigma^2) - log N(x_{t-1}; mu_null, sigma^2)."""
         K = self.num_classes
         s = self.schedule
         ks = jnp.arange(K + 1 if with_null else K)
@@ -93,11 +117,14 @@ class Tracker:
         sigma = reverse_std(s, t, self.sampler)
         x_prev = means[c] + sigma * z
         # log N(x_{t-1}; mu(x_t, k), sigma^2 I) up to a term common to all k
-        sq = jnp.sum(((x_prev - means[:K]) ** 2).reshape(K, -1), axis=-1)
+        sq = jnp.sum(((x_prev - means) ** 2).reshape(means.shape[0], -1), axis=-1)
         update = t > 1
         var = jnp.where(update, sigma**2, 1.0)
-        log_w_prev = jax.nn.log_softmax(log_w - 0.5 * sq / var)
-        return x_prev, jnp.where(update, log_w_prev, log_w)
+        log_lik = -0.5 * sq / var
+        joint = log_w + log_lik[:K]
+        log_w_prev = jax.nn.log_softmax(joint)
+        ratio = jax.nn.logsumexp(joint) - log_lik[K] if with_null else jnp.zeros((), log_w.dtype)
+        return x_prev, jnp.where(update, log_w_prev, log_w), jnp.where(update, ratio, 0.0)
 
     # --- the batch, a run of steps -----------------------------------------------------
 
@@ -106,27 +133,33 @@ class Tracker:
         key_x, key_run = jax.random.split(key)
         x = jax.random.normal(key_x, (num, *shape))
         log_post = jnp.broadcast_to(jax.nn.log_softmax(log_prior), (num, log_prior.shape[0]))
-        return TrackState(x, log_post, key_run)
+        return TrackState(x, log_post, key_run, jnp.zeros((num,), x.dtype))
 
     def run(self, params, state: TrackState, classes: jax.Array, ts: jax.Array, observe: Observe | None = None,
             with_null: bool = False):
         """Steps t in `ts` (decreasing; t = 0 entries are no-ops used for padding).
 
         classes: (N,) generating class of every trajectory (K = unconditional).
-        Returns the new state and observe(t, x_t, log P(k | x_t)) stacked over ts (taken
-        at x_t, before the step from t).
+        Returns the new state and observe(t, x_t, log P(k | x_t), log_ratio) stacked over ts
+        (taken at x_t, before the step from t).
         """
+        if state.log_ratio is None:
+            state = dataclasses.replace(state, log_ratio=jnp.zeros(state.x.shape[:1], state.x.dtype))
+
         def step(t, x, log_w, z):
-            one = lambda a: self.step_one(params, t, a[0], a[1], a[2], a[3], with_null)  # noqa: E731
+            one = lambda a: self.step_with_ratio(params, t, a[0], a[1], a[2], a[3], with_null)  # noqa: E731
             return jax.lax.map(one, (x, log_w, classes, z), batch_size=self.batch_size or x.shape[0])
 
         def body(state: TrackState, t):
-            out = observe(t, state.x, state.log_posterior) if observe is not None else None
+            out = None
+            if observe is not None:
+                out = observe(t, state.x, state.log_posterior, state.log_ratio)
             z = jax.random.normal(jax.random.fold_in(state.key, t), state.x.shape)
-            x, log_w = step(jnp.maximum(t, 1), state.x, state.log_posterior, z)
+            x, log_w, ratio = step(jnp.maximum(t, 1), state.x, state.log_posterior, z)
             valid = t > 0
             new = TrackState(
-                jnp.where(valid, x, state.x), jnp.where(valid, log_w, state.log_posterior), state.key
+                jnp.where(valid, x, state.x), jnp.where(valid, log_w, state.log_posterior), state.key,
+                jnp.where(valid, state.log_ratio + ratio, state.log_ratio),
             )
             return new, out
 

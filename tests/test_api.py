@@ -66,13 +66,15 @@ def test_one_problem_by_name(three):
 
 
 def test_a_network_is_tracked_like_the_mixture_it_computes(three):
-    """The mixture given as eps(params, x_t, t, k) and parameters: the same trajectories, the
-    same numbers, bit for bit in what is computed."""
+    """The mixture given as eps(params, x_t, t, k) and parameters: the same trajectories and the
+    same numbers (up to the rounding of x_t, which the mixture path takes about its mean)."""
     _, _, online = three
     net = jdi.Network(jdi.mixture.eps_fn(SCHEDULE, with_null=False), MIX, (1,), 3, weights=[2.0, 5.0, 3.0])
     again = jdi.online_curves(net, PROBLEMS, SCHEDULE, samples_per_class=400, key=jax.random.key(1))
-    np.testing.assert_allclose(again.entropy_bits, online.entropy_bits, atol=1e-6)
-    np.testing.assert_allclose(again.trajectories.x_0, online.trajectories.x_0, atol=1e-6)
+    np.testing.assert_allclose(again.entropy_bits, online.entropy_bits, atol=1e-5)
+    np.testing.assert_allclose(again.trajectories.x_0, online.trajectories.x_0, atol=1e-5)
+    assert again.posterior == "state (DDPM approximation)" and again.exact_state is None
+    assert online.posterior == "state (DDPM approximation)"  # components of std > 0
 
 
 def test_default_problem_is_the_class_label():

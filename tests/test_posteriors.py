@@ -1,0 +1,199 @@
+"""Numbers that mean what they say: which posterior the online estimator tracks, refusals of
+modes that would estimate something else, and exact answers in the corners (few steps,
+tiny weights, far-off means, respaced schedules)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiff_info as jdi
+from jaxdiff_info import decisions as D
+from jaxdiff_info import mixture as M
+from jaxdiff_info.analysis import analyze_model, kernel_x0
+from jaxdiff_info.schedule import eps_to_x0
+
+FULL = jdi.linear_schedule(1000)
+PAPER = jdi.make_mixture([-8.0, -4.0, 6.0, 8.0])
+LABEL = [jdi.class_label(4)]
+
+
+# --- path posterior and state posterior ------------------------------------------------------
+
+def test_ddim_below_eta_1_is_refused_unless_the_path_posterior_is_asked_for():
+    ddim = jdi.Sampler("ddim", eta=0.2)
+    with pytest.raises(ValueError, match="DDIM with eta = 0.2 < 1 .* path posterior"):
+        jdi.Tracker(M.eps_fn(FULL), FULL, ddim, 4)
+    with pytest.raises(ValueError, match="path_posterior=True"):
+        jdi.online_curves(PAPER, LABEL, FULL, samples_per_class=4, key=jax.random.key(0), sampler=ddim)
+    jdi.Tracker(M.eps_fn(FULL), FULL, jdi.Sampler("ddim", eta=1.0), 4)  # the DDPM small step: fine
+
+
+@pytest.fixture(scope="module")
+def ddim_path():
+    return jdi.online_curves(PAPER, LABEL, FULL, samples_per_class=300, key=jax.random.key(0),
+                             sampler=jdi.Sampler("ddim", eta=0.2), path_posterior=True, num_resamples=20)
+
+
+def test_the_path_effect_shows_beside_the_exact_state_posterior(ddim_path):
+    """DDIM eta = 0.2 keeps the marginals q(x_t), so the exact posterior at its x_t gives the
+    state curve; the tracked path posterior is far more certain (docs/method.md's table)."""
+    exact = jdi.exact_curves(PAPER, LABEL, FULL)
+    state = ddim_path.exact_state
+    assert ddim_path.posterior == "path" and "path posterior" in ddim_path.method
+    assert state.posterior == "state (exact posterior)" and state.estimator == "online_state"
+    assert np.abs(state.entropy_bits - exact.entropy_bits).max() < 0.06
+    at = [199, 399, 599]  # t = 200, 400, 600
+    assert np.all(state.entropy_bits[0, at] - ddim_path.entropy_bits[0, at] > 0.1)
+
+
+def test_with_the_exact_kernel_the_tracked_posterior_is_the_state_posterior():
+    online = jdi.online_curves(PAPER, LABEL, FULL, samples_per_class=300, key=jax.random.key(1), num_resamples=20)
+    assert online.posterior == "state (exact kernel)"
+    assert np.abs(online.entropy_bits - online.exact_state.entropy_bits).max() < 0.01
+
+
+@pytest.mark.parametrize("model, sampler, guidance, kind", [
+    (PAPER, jdi.Sampler("ddpm", "small"), 0.0, "state (exact kernel)"),
+    (PAPER, jdi.Sampler("ddim", eta=1.0), 0.0, "state (exact kernel)"),
+    (PAPER, jdi.Sampler("ddpm", "large"), 0.0, "state (DDPM approximation)"),
+    (PAPER, jdi.Sampler("ddpm", "small", clip_x0=10.0), 0.0, "state (DDPM approximation)"),
+    (jdi.make_mixture([-1.0, 1.0], [0.3, 0.3]), jdi.Sampler("ddpm", "small"), 0.0, "state (DDPM approximation)"),
+    (PAPER, jdi.Sampler("ddpm", "small"), 2.0, "path"),
+    (PAPER, jdi.Sampler("ddim", eta=0.5), 0.0, "path"),
+])
+def test_which_posterior_is_said(model, sampler, guidance, kind):
+    from jaxdiff_info.api import posterior_kind
+
+    assert posterior_kind(model, sampler, guidance) == kind
+
+
+def test_unconditional_generation_with_guidance_is_refused():
+    with pytest.raises(ValueError, match="unconditional generation with guidance .* not a posterior"):
+        jdi.online_curves(PAPER, LABEL, FULL, samples_per_class=4, key=jax.random.key(0),
+                          generation="unconditional", guidance=1.0)
+
+
+# --- unconditional generation on few steps -------------------------------------------------------
+
+@pytest.mark.parametrize("steps", [20, 50])
+def test_unconditional_estimates_are_right_on_few_steps(steps):
+    """With few steps the null kernel's paths are not distributed as the prior mixture of the
+    class kernels'; the path likelihood ratio corrects the weights (before it: 0.03-0.1 bits
+    off, with intervals that excluded the truth)."""
+    schedule = jdi.respace(FULL, steps)
+    mix = jdi.make_mixture([-8.0, -4.0, 6.0, 8.0], weights=[0.1, 0.2, 0.3, 0.4])
+    problems = [jdi.class_label(4), jdi.make_problem("-8 vs -4", [[0], [1]], 4),
+                jdi.make_problem("6 vs 8", [[2], [3]], 4)]
+    exact = jdi.exact_curves(mix, problems, schedule)
+    online = jdi.online_curves(mix, problems, schedule, samples_per_class=4000, key=jax.random.key(steps),
+                               generation="unconditional", num_resamples=50)
+    assert "likelihood ratios" in online.method
+    # measured before the correction: up to 0.12 (20 steps) and 0.06 bits (50 steps) off, bands
+    # covering the exact curve at 40-60% of the steps; after it: 0.03 and 75-100%
+    assert np.abs(online.entropy_bits - exact.entropy_bits).max() < 0.04
+    inside = (online.entropy_bits_ci95[..., 0] - 2e-3 <= exact.entropy_bits) & (
+        exact.entropy_bits <= online.entropy_bits_ci95[..., 1] + 2e-3)
+    assert np.all(inside.mean(axis=1) >= 0.75)
+
+
+# --- half-entropy times and their intervals ---------------------------------------------------
+
+@pytest.mark.slow
+def test_half_entropy_time_intervals_cover_the_truth_over_seeds():
+    problems = [jdi.class_label(4), jdi.make_problem("6 vs 8", [[2], [3]], 4)]
+    exact = jdi.exact_curves(PAPER, problems, FULL).half_time
+    covered = {"forward_mc": [], "online": []}
+    for seed in range(30):
+        fmc = jdi.forward_mc_curves(PAPER, problems, FULL, samples_per_class=400, key=jax.random.key(seed))
+        onl = jdi.online_curves(PAPER, problems, FULL, samples_per_class=400, key=jax.random.key(1000 + seed))
+        for name, c in (("forward_mc", fmc), ("online", onl)):
+            covered[name].append((c.half_time_ci95[:, 0] <= exact) & (exact <= c.half_time_ci95[:, 1]))
+    for name, hits in covered.items():
+        rate = np.mean(hits, axis=0)
+        assert np.all(rate >= 0.85), (name, rate)
+
+
+# --- tiny class weights --------------------------------------------------------------------------
+
+def test_tiny_class_weights_give_the_right_curve():
+    """Weights (1, 1e-33, 1e-33), the problem "1 vs 2": a cut-off on the problem's posterior
+    mass made this H = 0 everywhere. The values are those of a float64 quadrature."""
+    mix = jdi.make_mixture([0.0, -1.0, 1.0], [0.5, 0.5, 0.5], [1.0, 1e-33, 1e-33])
+    problem = [jdi.make_problem("1 vs 2", [[1], [2]], 3)]
+    at, truth = [0, 49, 199, 499], [0.087, 0.111, 0.425, 0.942]
+    exact = jdi.exact_curves(mix, problem, FULL)
+    np.testing.assert_allclose(exact.entropy_bits[0, at], truth, atol=1.5e-3)
+    fmc = jdi.forward_mc_curves(mix, problem, FULL, samples_per_class=2000, key=jax.random.key(0))
+    np.testing.assert_allclose(fmc.entropy_bits[0, at], truth, atol=0.02)
+
+
+def test_batched_and_single_problem_entropies_agree_on_any_posterior():
+    problems = [jdi.class_label(5), jdi.make_problem("1 vs 2", [[1], [2]], 5),
+                jdi.make_problem("{0,3} vs {4}", [[0, 3], [4]], 5)]
+    m = D.membership(problems, 5)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(200, 5)) * 3
+    logits[:50, 1:3] -= 80.0  # classes of posterior mass ~1e-35
+    logits[50:60, 0] = -np.inf
+    log_post = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32))
+    batched = D.batch_problem_entropy_bits(log_post, m)
+    single = jax.vmap(lambda lp: D.problem_entropy_bits(lp, jnp.asarray(m)))(log_post)
+    np.testing.assert_allclose(batched, single, atol=2e-5)
+    # the tiny classes' own question, from their relative logits in float64
+    rel = logits[:50, 1:3] - logits[:50, 1:3].max(axis=1, keepdims=True)
+    p12 = np.exp(rel) / np.exp(rel).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(batched[:50, 1], -(p12 * np.log2(p12)).sum(axis=1), atol=2e-5)
+
+
+# --- respaced schedules and the mixture's eps -------------------------------------------------
+
+def test_a_mixture_on_a_respaced_schedule_matches_the_exact_curve():
+    short = jdi.respace(FULL, 50)
+    exact = jdi.exact_curves(PAPER, LABEL, short)
+    online = jdi.online_curves(PAPER, LABEL, short, samples_per_class=500, key=jax.random.key(3), num_resamples=20)
+    assert np.abs(online.entropy_bits - exact.entropy_bits).max() < 0.03
+    np.testing.assert_allclose(online.trajectories.x_0[:, 0], np.repeat([-8.0, -4.0, 6.0, 8.0], 500), atol=0.05)
+    # the eps of the full schedule serves the respaced one (it holds its steps); a foreign one is refused
+    jdi.Tracker(M.eps_fn(FULL), short, jdi.Sampler(), 4)
+    with pytest.raises(ValueError, match="built for another schedule"):
+        jdi.Tracker(M.eps_fn(jdi.cosine_schedule(1000)), short, jdi.Sampler(), 4)
+    with pytest.raises(ValueError, match="built for another schedule"):
+        jdi.Tracker(M.eps_fn(short), FULL, jdi.Sampler(), 4)
+
+
+# --- far-off means -------------------------------------------------------------------------------
+
+def test_far_off_means_are_centred_and_tracked_right():
+    far = jdi.make_mixture([3e4 - 0.5, 3e4 + 0.5])
+    exact = jdi.exact_curves(far, LABEL[:0] or None, FULL)
+    online = jdi.online_curves(far, None, FULL, samples_per_class=500, key=jax.random.key(4), num_resamples=20)
+    assert np.abs(online.entropy_bits - exact.entropy_bits).max() < 0.03
+    near = jdi.exact_curves(jdi.make_mixture([-0.5, 0.5]), None, FULL)
+    np.testing.assert_allclose(exact.entropy_bits, near.entropy_bits, atol=1e-4)  # H does not move with the data
+    np.testing.assert_allclose(online.trajectories.x_0[:, 0], np.repeat([3e4 - 0.5, 3e4 + 0.5], 500), atol=0.01)
+
+
+def test_means_too_far_apart_for_float32_are_refused_with_the_range():
+    with pytest.raises(ValueError, match=r"spans \+-3e\+04 .* only within \+-1.2\de\+03"):
+        jdi.online_curves(jdi.make_mixture([-3e4, 3e4]), None, FULL, samples_per_class=4, key=jax.random.key(0))
+
+
+# --- snapshots use the generating kernel ------------------------------------------------------
+
+@pytest.mark.parametrize("guidance, clip", [(2.0, None), (0.0, 7.0), (1.5, 7.0)])
+def test_snapshots_predict_x0_with_the_generating_kernel(guidance, clip):
+    schedule = jdi.respace(FULL, 20)
+    net = jdi.Network(M.eps_fn(FULL), PAPER, (1,), 4)
+    sampler = jdi.Sampler("ddpm", "small", clip_x0=clip)
+    res = analyze_model(net, schedule, LABEL, samples_per_class=2, key=jax.random.key(0), sampler=sampler,
+                        guidance=guidance, num_resamples=5, paths_per_class=1, num_snapshots=3)
+    t, x_t, x0_hat = res.snapshots[1]
+    assert 0 < t < schedule.num_steps
+    for m, c in enumerate(res.path_classes):
+        eps = M.eps(PAPER, x_t[m], schedule.alpha_bar[t - 1], c)
+        eps = eps + guidance * (eps - M.eps(PAPER, x_t[m], schedule.alpha_bar[t - 1], 4))
+        want = eps_to_x0(x_t[m], eps, schedule.alpha_bar[t - 1])
+        want = want if clip is None else jnp.clip(want, -clip, clip)
+        np.testing.assert_allclose(x0_hat[m], want, atol=2e-4)
+        np.testing.assert_allclose(kernel_x0(net, schedule, sampler, guidance, PAPER, x_t[m], t, c), want, atol=2e-4)
