@@ -51,6 +51,11 @@ class Analysis:
         return self.curves.time
 
     @property
+    def posterior(self) -> str:
+        """Which posterior the curves are of (`api.posterior_kind`)."""
+        return self.curves.posterior
+
+    @property
     def mean_posterior(self) -> np.ndarray:
         """(T, C, K) P(k | x_t) averaged over the trajectories of each generating class."""
         return self.curves.trajectories.mean_posterior
@@ -150,6 +155,20 @@ def kernel_x0(network: Network, schedule: Schedule, sampler: Sampler, guidance: 
         eps = jnp.where(c < K, guided, eps)
     x0 = eps_to_x0(x_t, eps, schedule.alpha_bar[t - 1])
     return x0 if sampler.clip_x0 is None else jnp.clip(x0, -sampler.clip_x0, sampler.clip_x0)
+
+
+def posterior_note(posterior: str, sampler: Sampler) -> str:
+    """One sentence on what the kernel implies for the tracked posterior (docs/method.md):
+    for the summary of an analysis."""
+    if posterior == "path":
+        return ("the kernels are guided (or DDIM eta < 1), so the tracked P(k | x_t, ..., x_T) is the posterior "
+                "of the guided path law, not the state posterior P(k | x_t) of the model")
+    variance = "sigma_t^2 = beta_t (Ho et al.'s CIFAR-10 sampler)" if sampler.variance == "large" else \
+        "sigma_t^2 = beta~_t"
+    return (f"{variance}: the tracker updates with the kernel that generated, so P(k | x_t, ..., x_T) "
+            f"approximates the state posterior P(k | x_t) as far as the model's Gaussian reverse steps approximate "
+            f"the reverse of its forward chain; coarser with few (respaced) steps and with beta_t than with "
+            f"beta~_t, which is exact only for point data")
 
 
 def trajectory_sharding(num: int):
