@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff_info.api import Network, online_curves
+from jaxdiff_info.api import Network, generating_classes, online_curves, recorded_paths
 from jaxdiff_info.curves import Curves, class_curves
 from jaxdiff_info.decisions import DecisionProblem, class_label
 from jaxdiff_info.schedule import Sampler, Schedule, eps_to_x0
+from jaxdiff_info.tracking import guided
 
 # Ho et al.'s CIFAR-10 sampler: sigma_t^2 = beta_t, the x_0 prediction clipped to [-1, 1]
 IMAGE_SAMPLER = Sampler("ddpm", "large", clip_x0=1.0)
@@ -122,10 +123,8 @@ def analyze_model(
     predict_x0 = jax.jit(jax.vmap(lambda p, x, t, c: kernel_x0(network, schedule, sampler, guidance, p, x, t, c),
                                   (None, 0, None, 0)))
     snapshots = []
-    generating = np.full(samples_per_class * K, K) if generation == "unconditional" else \
-        np.repeat(np.arange(K), samples_per_class)
-    n_paths = min(paths_per_class, samples_per_class)
-    path_index = np.concatenate([np.flatnonzero(generating == c)[:n_paths] for c in np.unique(generating)])
+    generating = generating_classes(K, samples_per_class, generation)
+    path_index = recorded_paths(generating, paths_per_class)  # the paths online_curves records
 
     def snapshot(t, state):
         x = state.x[jnp.asarray(path_index)]
@@ -151,8 +150,7 @@ def kernel_x0(network: Network, schedule: Schedule, sampler: Sampler, guidance: 
     step = schedule.timesteps[t - 1]
     eps = network.eps(params, x_t, step, c)
     if guidance != 0.0:
-        guided = eps + guidance * (eps - network.eps(params, x_t, step, K))
-        eps = jnp.where(c < K, guided, eps)
+        eps = jnp.where(c < K, guided(eps, network.eps(params, x_t, step, K), guidance), eps)
     x0 = eps_to_x0(x_t, eps, schedule.alpha_bar[t - 1])
     return x0 if sampler.clip_x0 is None else jnp.clip(x0, -sampler.clip_x0, sampler.clip_x0)
 

@@ -127,6 +127,7 @@ def online_curves(
     num_blocks: int = 32,
     paths_per_class: int = 4,
     record_x: bool = False,
+    state_readout: bool = True,
     batch_size: int | None = None,
     path_posterior: bool = False,
     bootstrap_key: jax.Array | None = None,
@@ -155,8 +156,10 @@ def online_curves(
     approximately so), else a path posterior; DDIM with eta < 1 is refused unless
     path_posterior=True. Unconditional generation with guidance is refused: its kernels mix.
     For a mixture, `exact_state` holds the curves of the exact P(k | x_t) at the same
-    trajectories (conditional generation), so the size of the path effect shows; the mixture
-    is centred first (H is unchanged) and refused where float32 cannot resolve the steps.
+    trajectories (conditional generation, unless state_readout=False), so the size of the
+    path effect shows. A mixture is tracked in coordinates centred on its mean (the same
+    process, x_T ~ N(0, I) included; results are moved back), and refused where float32
+    cannot resolve the reverse steps.
 
     Advanced: batch_size (trajectories per network call: bounds memory, same numbers);
     chunk (steps per compiled call), progress(steps_done), after_chunk(t, TrackState) (at
@@ -167,11 +170,6 @@ def online_curves(
         raise ValueError(f"unknown generation {generation!r}; choose conditional or unconditional")
     _check_bandwidth(bandwidth)
     unconditional = generation == "unconditional"
-    if unconditional and guidance != 0.0:
-        raise ValueError(
-            "unconditional generation with guidance moves the paths with the unguided null kernel but updates "
-            "P(k | x_t) with guided class kernels, so the result is not a posterior; use guidance 0 with "
-            "unconditional generation, or conditional generation with guidance")
     with_null = unconditional or guidance != 0.0
     shift = None
     state_log_posterior = None
@@ -194,39 +192,38 @@ def online_curves(
                       path_posterior=path_posterior)
     if unconditional:
         blocks = estimators.make_blocks(1, samples_per_class * K, num_blocks)
-        generating = np.full(blocks.per_class, K)
         # the trajectories are one population; block_entropy_sums weights each problem's share
         block_arrays = dataclasses.replace(arrays, class_weights=np.ones((len(arrays.problems), 1)))
     else:
         blocks = estimators.make_blocks(K, samples_per_class, num_blocks)
-        generating = blocks.classes
         block_arrays = arrays
-    n_paths = min(paths_per_class, blocks.per_class)
-    path_index = np.concatenate([np.flatnonzero(generating == c)[:n_paths] for c in np.unique(generating)])
+    generating = generating_classes(K, samples_per_class, generation)
+    path_index = recorded_paths(generating, paths_per_class)
     alpha_bar = np.asarray(schedule.alpha_bar, np.float64)
 
     def moved_back(x, t):
         """x_t of the centred mixture in the given mixture's coordinates (t = 0: x_0)."""
         if shift is None:
             return x
-        return x + (np.sqrt(alpha_bar[t - 1]) if t > 0 else 1.0) * shift.astype(np.float32)
+        return x + jnp.asarray((np.sqrt(alpha_bar[t - 1]) if t > 0 else 1.0) * shift, jnp.float32)
 
     def record(x, log_post):
         mean_post = blocks.sums(jnp.exp(log_post)).sum(axis=1) / blocks.per_class  # (C, K)
         return log_post[path_index], mean_post, (x[path_index] if record_x else None)
 
     def chunk_done(t, state):
-        after_chunk(t, dataclasses.replace(state, x=moved_back(np.asarray(state.x), t)))
+        after_chunk(t, dataclasses.replace(state, x=moved_back(state.x, t)))
 
     run = estimators.online_block_sums(
         tracker, params, log_prior, shape, arrays.membership, blocks, key, record=record, chunk=chunk,
         progress=progress, unconditional=unconditional, after_chunk=chunk_done if after_chunk else None,
-        sharding=sharding, state_log_posterior=state_log_posterior)
+        sharding=sharding, state_log_posterior=state_log_posterior if state_readout else None,
+        x_T_offset=None if shift is None else -np.sqrt(alpha_bar[-1]) * shift)
     path_log_post, mean_post, path_x = run.paths
     if path_x is not None and shift is not None:
         path_x = path_x + (np.sqrt(alpha_bar)[:, None, None] * shift).astype(np.float32)
     trajectories = estimators.OnlineRun(
-        run.block_sums, moved_back(run.x_0, 0), run.log_posterior, run.paths, classes=generating,
+        run.block_sums, np.asarray(moved_back(run.x_0, 0)), run.log_posterior, None, classes=generating,
         path_index=path_index, path_log_posterior=path_log_post, path_x=path_x, mean_posterior=mean_post,
         state_block_sums=run.state_block_sums)
     posterior = posterior_kind(model, sampler, guidance)
@@ -246,16 +243,30 @@ def online_curves(
             method=f"exact state posterior P(k | x_t) of the mixture at the x_t of the online trajectories "
                    f"({kernel})")
         exact_state = dataclasses.replace(exact_state, posterior=STATE_EXACT_POSTERIOR)
-    return dataclasses.replace(curves, problems=arrays.problems, prior_entropy_bits=arrays.prior_entropy_bits,
-                               trajectories=trajectories, posterior=posterior, exact_state=exact_state)
+    return dataclasses.replace(curves, trajectories=trajectories, posterior=posterior, exact_state=exact_state)
+
+
+def generating_classes(num_classes: int, samples_per_class: int, generation: str) -> np.ndarray:
+    """(N,) the class that generates each trajectory of `online_curves`, class-major
+    (K: the null class, for unconditional generation of samples_per_class * K)."""
+    if generation == "unconditional":
+        return np.full(samples_per_class * num_classes, num_classes, np.int32)
+    return np.repeat(np.arange(num_classes, dtype=np.int32), samples_per_class)
+
+
+def recorded_paths(generating: np.ndarray, paths_per_class: int) -> np.ndarray:
+    """(M,) the trajectories whose paths `online_curves` records: the first paths_per_class
+    of each generating class."""
+    return np.concatenate([np.flatnonzero(generating == c)[:paths_per_class] for c in np.unique(generating)])
 
 
 def posterior_kind(model: Model, sampler: Sampler, guidance: float = 0.0) -> str:
     """Which posterior the online classifier tracks (docs/method.md): "path" for DDIM with
-    eta < 1 or guided kernels; "state (exact kernel)" for DDPM with beta~_t (or DDIM eta = 1)
+    eta != 1 or guided kernels; "state (exact kernel)" for DDPM with beta~_t (or DDIM eta = 1)
     on a mixture of points without clipping, where each class kernel is the exact reverse of
-    its forward chain; "state (DDPM approximation)" otherwise."""
-    if guidance != 0.0 or (sampler.kind == "ddim" and sampler.eta < 1):
+    its forward chain (exact up to the start, x_T ~ N(0, I) rather than q(x_T | k), which
+    alpha_bar_T ~ 0 makes negligible); "state (DDPM approximation)" otherwise."""
+    if guidance != 0.0 or (sampler.kind == "ddim" and sampler.eta != 1):
         return PATH
     exact_step = (sampler.kind == "ddpm" and sampler.variance == "small") or (sampler.kind == "ddim" and sampler.eta == 1)
     points = isinstance(model, gmm.GaussianMixture) and bool(np.all(np.asarray(model.stds) == 0))

@@ -208,6 +208,7 @@ class Curves:
     problems:           the P DecisionProblems, in order; prior_entropy_bits (P,) H(Z)
     time:               (T,) normalised time t/T of each step
     class_entropy_bits: (P, K, T) per-class profiles H_k(t) = E[h(P(z | x_t)) | class k]
+                        ((P, 1, T) for unconditional generation: one population)
     entropy_bits:       (P, T) H(Z | X_t) in bits
     entropy_rate:       (P, T) dH/d(t/T) in bits per unit of t/T (smoothed with rate_bandwidth)
     peak_time:          (P,) t/T of the largest rate
@@ -374,6 +375,8 @@ def class_curves(curves: Curves, problem: str, class_names: Sequence[str], key: 
     groups = curves.problems[p].groups
     arrays = ProblemArrays(tuple(DecisionProblem(str(n), groups) for n in class_names), np.zeros((K, 1, K), bool),
                            np.eye(K), np.full(K, float(curves.prior_entropy_bits[p])))
-    return curves_from_blocks(key, curves.time, np.repeat(sums, K, axis=-1), curves.resampling.block_counts, arrays,
-                              bandwidth=curves.rate_bandwidth, num_resamples=curves.resampling.num_resamples,
-                              estimator=curves.estimator, method=f"{curves.method}; per generating class, {problem}")
+    per_class = curves_from_blocks(
+        key, curves.time, np.repeat(sums, K, axis=-1), curves.resampling.block_counts, arrays,
+        bandwidth=curves.rate_bandwidth, num_resamples=curves.resampling.num_resamples, estimator=curves.estimator,
+        method=f"{curves.method}; per generating class, {problem}")
+    return dataclasses.replace(per_class, posterior=curves.posterior)

@@ -205,22 +205,8 @@ def problem_entropy_bits(log_posterior: jax.Array, membership: jax.Array) -> jax
 
 def batch_problem_entropy_bits(log_posterior: jax.Array, membership: np.ndarray) -> jax.Array:
     """(N, P) h(P(z | x_t)) in bits for a batch (N, K) of log P(k | x_t): `problem_entropy_bits`
-    for every row, as a few batched contractions.
-
-    As there, each problem's classes are rescaled by its likeliest included class,
-    e_pk = exp(log P(k | x_t) - max_{j in problem p} log P(j | x_t)), so the problem's total
-    Z_p = sum_j q_pj >= 1 whatever the posterior mass of its classes (a problem about classes
-    of prior weight 1e-33 is resolved as well as any other), and
-    h_p = log Z_p - sum_j q_pj log q_pj / Z_p. `membership` (P, G, K) must be concrete (numpy).
-    """
-    m = np.asarray(membership, bool)
-    included = jnp.asarray(m.any(axis=1))  # (P, K)
-    groups = jnp.asarray(m, log_posterior.dtype)  # (P, G, K)
-    masked = jnp.where(included, log_posterior[:, None, :], -jnp.inf)  # (N, P, K)
-    e = jnp.exp(masked - jnp.max(masked, axis=-1, keepdims=True))  # 0 for classes left out
-    # the small contractions as broadcast-and-sum: plain float32 sums on every backend
-    q = jnp.sum(e[:, :, None, :] * groups, axis=-1)  # (N, P, G)
-    z = jnp.sum(q, axis=-1)  # (N, P), >= 1
-    q_log_q = jnp.where(q > 0, q * jnp.log(jnp.where(q > 0, q, 1.0)), 0.0)
-    h = (jnp.log(z) - jnp.sum(q_log_q, axis=-1) / z) / LOG2
-    return jnp.maximum(h, 0.0)  # float32 rounding near 0
+    of every row, each problem's classes rescaled by its likeliest one, so a problem about
+    classes of prior weight 1e-33 is resolved as well as any other. Clamped at 0 against
+    float32 rounding."""
+    h = jax.vmap(problem_entropy_bits, (0, None))(log_posterior, jnp.asarray(np.asarray(membership, bool)))
+    return jnp.maximum(h, 0.0)

@@ -219,6 +219,7 @@ def online_block_sums(
     after_chunk=None,
     sharding=None,
     state_log_posterior=None,
+    x_T_offset=None,
 ) -> OnlineRun:
     """Generate `blocks.per_class` trajectories of every class with `tracker` and return the
     per-step block sums of the problem entropies, in one compiled scan (run in chunks of
@@ -233,9 +234,15 @@ def online_block_sums(
     state_log_posterior(t, x_t) -> (N, K): the exact log P(k | x_t) of the model (mixtures),
         for a second readout of the same trajectories (OnlineRun.state_block_sums);
         conditional generation only.
+    x_T_offset (*shape): added to every x_T ~ N(0, I) (a model tracked in shifted coordinates).
     """
     if state_log_posterior is not None and unconditional:
         raise ValueError("the exact state posterior readout is for conditional generation")
+    if unconditional and tracker.guidance != 0.0:
+        raise ValueError(
+            "unconditional generation with guidance moves the paths with the unguided null kernel but updates "
+            "P(k | x_t) with guided class kernels, so the result is not a posterior; use guidance 0 with "
+            "unconditional generation, or conditional generation with guidance")
     num_classes = tracker.num_classes
     if unconditional:
         if blocks.num_classes != 1:
@@ -259,6 +266,8 @@ def online_block_sums(
     run = jax.jit(lambda p, s, c, ts: tracker.run(p, s, c, ts, observe, with_null))
     init = jax.jit(lambda key, log_prior: tracker.init(key, classes.shape[0], shape, log_prior))
     state = init(key, jnp.asarray(log_prior))
+    if x_T_offset is not None:
+        state = dataclasses.replace(state, x=state.x + jnp.asarray(x_T_offset, state.x.dtype))
     if sharding is not None:
         classes = jax.device_put(classes, sharding)
         state = TrackState(jax.device_put(state.x, sharding), jax.device_put(state.log_posterior, sharding), state.key,

@@ -1,17 +1,20 @@
-"""The online Bayesian classifier: P(k | x_t) tracked along generated reverse trajectories.
+"""The online Bayesian classifier: P(k | x_t, ..., x_T) tracked along generated reverse trajectories.
 
-class -> x_0 -> x_1 -> ... -> x_T is a Markov chain, so P(k | x_t, ..., x_T) = P(k | x_t) and
 Bayes' rule over one reverse step gives, in log space,
 
     log w_k(t-1) = log w_k(t) + log N(x_{t-1}; mu(x_t, k), sigma_t^2 I),   log w_k(T) = log pi_k
-    P(k | x_{t-1}) = softmax_k(log w_k(t-1)).
+    P(k | x_{t-1}, ..., x_T) = softmax_k(log w_k(t-1)).
 
-sigma_t is the std of the step that really produced x_{t-1}; the last step (t = 1) is
+This is the posterior of the path under the sampler's kernels. When each class kernel is the
+exact reverse of its forward chain (class -> x_0 -> x_1 -> ... -> x_T Markov), it is the state
+posterior P(k | x_t); otherwise a path posterior (the Curves of `jaxdiff_info.online_curves` say
+which). sigma_t is the std of the step that really produced x_{t-1}; the last step (t = 1) is
 noiseless and carries no update. The model enters only as a per-example eps-predictor
 eps(params, x_t, t, k) with k in 0..K-1 the classes and k = K the null class (unconditional).
 
 Sampling, tracking and per-step statistics run in one `lax.scan`; `observe` is a pure
-function of (t, x_t, log P(k | x_t)) for the whole batch whose outputs are stacked over steps.
+function of (t, x_t, log P(k | x_t, ...), log_ratio) for the whole batch whose outputs are
+stacked over steps.
 
 The formulas: docs/method.md, "Estimator 3: the online Bayesian classifier" and "What
 the online estimator estimates: path posterior and state posterior".
@@ -37,8 +40,9 @@ Observe = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], Any]
 class TrackState:
     """x: (N, *shape) current x_t; log_posterior: (N, K) log P(k | x_t, ..., x_T); key: noise key;
     log_ratio: (N,) log [sum_k pi_k p_k(path) / p_null(path)], the density of each path so far
-    under the class kernels' mixture over its density under the null kernel (0 until a step
-    with the null kernel is taken; None is read as 0)."""
+    under the class kernels' mixture over its density under the null kernel; accumulated
+    whenever the null class is evaluated (it weighs the paths of unconditional generation),
+    0 otherwise; None is read as 0."""
 
     x: jax.Array
     log_posterior: jax.Array
@@ -59,7 +63,7 @@ class Tracker:
     batch_size:  trajectories per network call; None = all N in one call (N * K examples).
                  Smaller values bound memory and give the same numbers.
     path_posterior: allow kernels whose tracked posterior is a path posterior only (DDIM
-                 with eta < 1); refused otherwise
+                 with eta != 1); refused otherwise
     """
 
     eps_fn: EpsFn
@@ -77,9 +81,9 @@ class Tracker:
                 "the online classifier needs a stochastic sampler (DDPM, or DDIM with eta > 0): "
                 "a deterministic step carries no likelihood to update on"
             )
-        if self.sampler.kind == "ddim" and self.sampler.eta < 1 and not self.path_posterior:
+        if self.sampler.kind == "ddim" and self.sampler.eta != 1 and not self.path_posterior:
             raise ValueError(
-                f"DDIM with eta = {self.sampler.eta:g} < 1 is not the reverse of the forward chain: the tracked "
+                f"DDIM with eta = {self.sampler.eta:g} != 1 is not the reverse of the forward chain: the tracked "
                 "P(k | x_t, ..., x_T) would be a path posterior, not the state posterior P(k | x_t) "
                 "(docs/method.md); use DDPM or eta = 1, or ask for the path posterior explicitly "
                 "(path_posterior=True)"
@@ -109,7 +113,7 @@ class Tracker:
         eps_class = eps[:K]
         if with_null:
             eps_null = eps[K]
-            eps_class = eps_class + self.guidance * (eps_class - eps_null)
+            eps_class = guided(eps_class, eps_null, self.guidance)
             eps_all = jnp.concatenate([eps_class, eps_null[None]])
         else:
             eps_all = eps_class
@@ -164,6 +168,11 @@ class Tracker:
             return new, out
 
         return jax.lax.scan(body, state, ts)
+
+
+def guided(eps_class: jax.Array, eps_null: jax.Array, guidance: float) -> jax.Array:
+    """Classifier-free guidance: eps_k + w (eps_k - eps_null)."""
+    return eps_class + guidance * (eps_class - eps_null)
 
 
 def step_chunks(num_steps: int, chunk: int | None) -> Iterator[np.ndarray]:

@@ -10,7 +10,7 @@ import pytest
 import jaxdiff_info as jdi
 from jaxdiff_info import decisions as D
 from jaxdiff_info import mixture as M
-from jaxdiff_info.analysis import analyze_model, kernel_x0
+from jaxdiff_info.analysis import analyze_model
 from jaxdiff_info.schedule import eps_to_x0
 
 FULL = jdi.linear_schedule(1000)
@@ -20,9 +20,10 @@ LABEL = [jdi.class_label(4)]
 
 # --- path posterior and state posterior ------------------------------------------------------
 
-def test_ddim_below_eta_1_is_refused_unless_the_path_posterior_is_asked_for():
-    ddim = jdi.Sampler("ddim", eta=0.2)
-    with pytest.raises(ValueError, match="DDIM with eta = 0.2 < 1 .* path posterior"):
+@pytest.mark.parametrize("eta", [0.2, 2.0])
+def test_ddim_other_than_eta_1_is_refused_unless_the_path_posterior_is_asked_for(eta):
+    ddim = jdi.Sampler("ddim", eta=eta)
+    with pytest.raises(ValueError, match=f"DDIM with eta = {eta:g} != 1 .* path posterior"):
         jdi.Tracker(M.eps_fn(FULL), FULL, ddim, 4)
     with pytest.raises(ValueError, match="path_posterior=True"):
         jdi.online_curves(PAPER, LABEL, FULL, samples_per_class=4, key=jax.random.key(0), sampler=ddim)
@@ -61,6 +62,7 @@ def test_with_the_exact_kernel_the_tracked_posterior_is_the_state_posterior():
     (jdi.make_mixture([-1.0, 1.0], [0.3, 0.3]), jdi.Sampler("ddpm", "small"), 0.0, "state (DDPM approximation)"),
     (PAPER, jdi.Sampler("ddpm", "small"), 2.0, "path"),
     (PAPER, jdi.Sampler("ddim", eta=0.5), 0.0, "path"),
+    (PAPER, jdi.Sampler("ddim", eta=2.0), 0.0, "path"),
 ])
 def test_which_posterior_is_said(model, sampler, guidance, kind):
     from jaxdiff_info.api import posterior_kind
@@ -166,12 +168,24 @@ def test_a_mixture_on_a_respaced_schedule_matches_the_exact_curve():
 
 def test_far_off_means_are_centred_and_tracked_right():
     far = jdi.make_mixture([3e4 - 0.5, 3e4 + 0.5])
-    exact = jdi.exact_curves(far, LABEL[:0] or None, FULL)
-    online = jdi.online_curves(far, None, FULL, samples_per_class=500, key=jax.random.key(4), num_resamples=20)
+    exact = jdi.exact_curves(far, None, FULL)
+    starts = []
+    online = jdi.online_curves(far, None, FULL, samples_per_class=500, key=jax.random.key(4), num_resamples=20,
+                               record_x=True, chunk=100, after_chunk=lambda t, state: starts.append((t, state.x)))
     assert np.abs(online.entropy_bits - exact.entropy_bits).max() < 0.03
     near = jdi.exact_curves(jdi.make_mixture([-0.5, 0.5]), None, FULL)
     np.testing.assert_allclose(exact.entropy_bits, near.entropy_bits, atol=1e-4)  # H does not move with the data
     np.testing.assert_allclose(online.trajectories.x_0[:, 0], np.repeat([3e4 - 0.5, 3e4 + 0.5], 500), atol=0.01)
+    # the same process as without centring, seen in the mixture's own coordinates: x_T ~ N(0, I) ...
+    t, x_T = starts[0]
+    assert t == 1000 and abs(float(np.mean(x_T))) < 0.1 and abs(float(np.std(x_T)) - 1.0) < 0.1
+    # ... the recorded paths start there and end at x_1, and the generated samples are where the paths end
+    path_x = online.trajectories.path_x[..., 0]  # (T, M)
+    x_0 = online.trajectories.x_0[online.trajectories.path_index, 0]
+    np.testing.assert_allclose(path_x[0], np.sqrt(float(FULL.alpha_bar[0])) * x_0, atol=0.2)  # x_1
+    np.testing.assert_allclose(path_x[-1], np.asarray(x_T)[online.trajectories.path_index, 0], atol=1e-3)  # x_T
+    assert starts[-1][0] == 0
+    np.testing.assert_allclose(starts[-1][1], online.trajectories.x_0, atol=1e-3)
 
 
 def test_means_too_far_apart_for_float32_are_refused_with_the_range():
@@ -196,4 +210,34 @@ def test_snapshots_predict_x0_with_the_generating_kernel(guidance, clip):
         want = eps_to_x0(x_t[m], eps, schedule.alpha_bar[t - 1])
         want = want if clip is None else jnp.clip(want, -clip, clip)
         np.testing.assert_allclose(x0_hat[m], want, atol=2e-4)
-        np.testing.assert_allclose(kernel_x0(net, schedule, sampler, guidance, PAPER, x_t[m], t, c), want, atol=2e-4)
+
+
+def test_the_step_log_ratio_is_the_path_likelihood_ratio():
+    """Tracker.step_with_ratio's increment, by hand, and its use: under the null kernel's paths
+    exp(log_ratio) averages to 1 (it is a likelihood ratio), at any number of steps."""
+    schedule = jdi.respace(FULL, 20)
+    mix = jdi.make_mixture([-8.0, -4.0, 6.0, 8.0], weights=[0.1, 0.2, 0.3, 0.4])
+    tracker = jdi.Tracker(M.eps_fn(schedule), schedule, jdi.Sampler(), 4)
+    t, x, z = jnp.asarray(12), jnp.array([0.7]), jnp.array([0.3])
+    log_w = jnp.log(jnp.array([0.4, 0.1, 0.2, 0.3]))
+    x_prev, log_w_prev, ratio = tracker.step_with_ratio(mix, t, x, log_w, 4, z, True)
+    sigma = float(jdi.schedule.reverse_std(schedule, t, tracker.sampler))
+    means = [float(jdi.schedule.reverse_mean(schedule, t, x, M.eps(mix, x, schedule.alpha_bar[11], k), tracker.sampler)[0])
+             for k in range(5)]
+    log_lik = np.array([-(float(x_prev[0]) - m) ** 2 / (2 * sigma**2) for m in means])
+    want = np.logaddexp.reduce(np.asarray(log_w) + log_lik[:4]) - log_lik[4]
+    assert float(ratio) == pytest.approx(want, abs=1e-4)
+    np.testing.assert_allclose(log_w_prev, jax.nn.log_softmax(log_w + log_lik[:4]), atol=1e-5)
+    # E_null[exp(log_ratio)] = 1 over whole paths
+    state = tracker.init(jax.random.key(0), 20000, (1,), mix.log_weights)
+    classes = jnp.full((20000,), 4)
+    final, _ = jax.jit(lambda s: tracker.run(mix, s, classes, jnp.arange(20, 0, -1), None, True))(state)
+    assert float(jnp.mean(jnp.exp(final.log_ratio))) == pytest.approx(1.0, abs=0.03)
+    assert float(jnp.std(final.log_ratio)) > 0.1  # few steps: the correction matters
+
+
+def test_unconditional_snapshots_follow_the_recorded_paths():
+    net = jdi.Network(M.eps_fn(FULL, with_null=True), PAPER, (1,), 4)
+    res = analyze_model(net, jdi.respace(FULL, 20), LABEL, samples_per_class=2, key=jax.random.key(0),
+                        sampler=jdi.Sampler(), generation="unconditional", paths_per_class=4, num_resamples=5)
+    assert res.paths.shape[1] == len(res.path_classes) == res.snapshots[0][1].shape[0] == 4
