@@ -40,8 +40,12 @@ def room(path: Path) -> str:
 def library_imports(path: Path) -> set[str]:
     """The rooms of jaxdiff_info that a module imports (at any depth: lazy imports count)."""
     found = set()
+    package = ["jaxdiff_info", *path.relative_to(LIB).parent.parts]
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
+        if isinstance(node, ast.ImportFrom) and node.level:  # relative: from the module's own package
+            base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]

@@ -1,6 +1,7 @@
 """The outputs of the experiments, pinned: the same seed and settings give the same numbers as
-when these were recorded (tests/pinned_outputs.json, from commit ebea39a), so that moving
-code between modules cannot change results unnoticed."""
+when these were recorded (tests/pinned_outputs.json, from commit ebea39a; the Monte Carlo
+half-entropy times re-pinned when they moved to the smoothed curve), so that moving code
+between modules cannot change results unnoticed."""
 
 import json
 from pathlib import Path
