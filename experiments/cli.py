@@ -1,10 +1,12 @@
 """The command-line edge shared by the experiments: argument parsing with one-line errors,
 defaults in every help line, running a command with bad input reported as one line and exit
-status 2, and the printout of what was written."""
+status 2 and Ctrl-C as one line and exit status 130, the check that a run fits in memory, and
+the printout of what was written."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,14 +40,114 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def run_command(prog: str, command: Callable[[], object]) -> tuple[int, object]:
+def run_command(prog: str, command: Callable[[], object], *, out: Path | None = None,
+                outputs: Sequence[str] = ()) -> tuple[int, object]:
     """Run `command()`; bad input (ValueError) becomes one line "prog: error: ..." on stderr
-    and exit status 2. Returns (status, what the command returned)."""
+    and exit status 2, Ctrl-C one line "prog: interrupted; ..." and exit status 130. With
+    `out` (the run's output folder; `outputs`, its result files) that line says that nothing
+    was written, and that the results already there are unchanged. Returns (status, what
+    the command returned)."""
     try:
         return 0, command()
     except ValueError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2, None
+    except KeyboardInterrupt:
+        _close_progress_bars()
+        print(f"{prog}: {interrupted_note(out, outputs)}", file=sys.stderr)
+        _exit_if_command(130)
+        return 130, None
+
+
+def _close_progress_bars() -> None:
+    """End the lines of the progress bars an interrupted run left open."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
+def _exit_if_command(status: int) -> None:
+    """Exit at once, without the interpreter's teardown, when this process is one of the
+    experiments' commands (python -m experiments...): an interrupted run can leave JAX
+    compiling in a background thread, and tearing the runtime down under it crashes
+    (SIGSEGV). A process that only called the command (tests, a notebook) goes on."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name.split(".")[0] == "experiments":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
+def interrupted_note(out: Path | None, outputs: Sequence[str]) -> str:
+    """What a run stopped by Ctrl-C left behind: nothing, and the earlier results as they were."""
+    if out is None:
+        return "interrupted"
+    note = "interrupted; nothing was written"
+    if any((Path(out) / name).exists() for name in outputs):
+        note += f"; the results in {out} are unchanged"
+    return note
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+def available_memory() -> tuple[int, str]:
+    """Bytes free for a run's arrays, and where: (n, "") for this machine's memory (MemAvailable,
+    within a cgroup's limit), (n, " on gpu") for an accelerator's (JAX's default device)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0)), f" on {jax.devices()[0].platform}"
+    return host_memory(), ""
+
+
+def host_memory() -> int:
+    """Bytes of this machine's memory available to a new allocation."""
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        free = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit, usage in (("memory.max", "memory.current"),
+                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            cgroup = Path("/sys/fs/cgroup")
+            free = min(free, int((cgroup / limit).read_text()) - int((cgroup / usage).read_text()))
+        except (OSError, ValueError):  # no such cgroup file, or "max": no limit
+            continue
+    return max(free, 0)
+
+
+def check_memory(flag: str, value: int, needed: Callable[[int], int], *, minimum: int = 1,
+                 alternative: Callable[[int], str | None] | None = None) -> None:
+    """ValueError, one line, if `needed(value)` bytes (an estimate, increasing in the flag's
+    value) exceed the memory available: the estimate, what is available and the largest value
+    of `flag` that fits; alternative(available bytes): another way to fit, or None."""
+    need = needed(value)
+    available, where = available_memory()
+    if need <= available:
+        return
+    largest = largest_fitting(needed, available, minimum, value)
+    ways = [f"{flag} {largest} or less"] if largest is not None else []
+    other = alternative(available) if alternative is not None else None
+    ways += [other] if other else []
+    advice = f"use {', or '.join(ways)}" if ways else "free some memory or use a larger machine"
+    raise ValueError(f"{flag} {value} needs about {_gb(need)} of memory, {_gb(available)} are available{where}; "
+                     f"{advice}")
+
+
+def largest_fitting(needed: Callable[[int], int], available: int, low: int, high: int) -> int | None:
+    """The largest n in [low, high] with needed(n) <= available (None if not even low)."""
+    if needed(low) > available:
+        return None
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if needed(mid) <= available else (low, mid - 1)
+    return low
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.0f} GB" if n >= 1e10 else f"{n / 1e9:.1f} GB"
 
 
 def report_written(outputs: Sequence[str], out: Path, start: float) -> None:

@@ -22,6 +22,7 @@ from experiments import enable_compilation_cache
 from experiments.cli import Parser, describe_times, report_written, run_command
 
 OUTPUTS = ("summary.json", "curves.npz", "entropy_rate.png", "entropy.png", "posterior_paths.png", "density.png")
+OPTIONAL_OUTPUTS = ("trajectories.npz",)  # with --save-every
 
 PAPER_SPEC: dict[str, Any] = {
     "means": [[-8.0], [-4.0], [6.0], [8.0]],
@@ -102,7 +103,11 @@ def build_problem(spec: dict):
 # --- the run -------------------------------------------------------------------------------
 
 def run(config: Config) -> dict:
-    """Compute every estimator, write the result files, and return the summary."""
+    """Compute every estimator, write the result files, and return the summary.
+
+    The files go into a stage folder beside config.out, created before the computation and
+    moved into place when all are written (`results.staged_outputs`).
+    """
     import jax
     from tqdm import tqdm
 
@@ -119,96 +124,97 @@ def run(config: Config) -> dict:
         raise ValueError(f"--save-every must be >= 0, got {config.save_every}")
     if isinstance(config.num_samples, bool) or int(config.num_samples) != config.num_samples or config.num_samples < 1:
         raise ValueError(f"the number of samples per class must be an integer >= 1, got {config.num_samples}")
-    out = results.prepare_output_dir(config.out, summary_outputs(config), config.overwrite)
+    check_memory(config)
+    with results.staged_outputs(config.out, summary_outputs(config), config.overwrite,
+                                replaces=OPTIONAL_OUTPUTS) as out:
+        K = mix.num_components
+        time_grid = np.asarray(schedule.time)
+        key_fmc, key_online, key_boot = jax.random.split(jax.random.key(config.seed), 3)
+        mc = dict(samples_per_class=config.num_samples, bandwidth=config.bandwidth, num_resamples=config.num_resamples,
+                  num_blocks=config.num_blocks)
 
-    K = mix.num_components
-    time_grid = np.asarray(schedule.time)
-    key_fmc, key_online, key_boot = jax.random.split(jax.random.key(config.seed), 3)
-    mc = dict(samples_per_class=config.num_samples, bandwidth=config.bandwidth, num_resamples=config.num_resamples,
-              num_blocks=config.num_blocks)
+        curves: dict[str, jdi.Curves] = {}
+        bar = tqdm(total=2 * config.steps + (config.steps if mix.dim == 1 else 0), unit="step",
+                   desc="gmm", disable=not config.progress, file=sys.stderr)
+        if mix.dim == 1:
+            bar.set_postfix_str("exact (quadrature)")
+            curves["exact"] = jdi.exact_curves(mix, problems, schedule)
+            bar.update(config.steps)
 
-    curves: dict[str, jdi.Curves] = {}
-    bar = tqdm(total=2 * config.steps + (config.steps if mix.dim == 1 else 0), unit="step",
-               desc="gmm", disable=not config.progress, file=sys.stderr)
-    if mix.dim == 1:
-        bar.set_postfix_str("exact (quadrature)")
-        curves["exact"] = jdi.exact_curves(mix, problems, schedule)
+        bar.set_postfix_str("forward Monte Carlo")
+        curves["forward_mc"] = jdi.forward_mc_curves(mix, problems, schedule, key=key_fmc,
+                                                     bootstrap_key=jax.random.fold_in(key_boot, 0), **mc)
         bar.update(config.steps)
 
-    bar.set_postfix_str("forward Monte Carlo")
-    curves["forward_mc"] = jdi.forward_mc_curves(mix, problems, schedule, key=key_fmc,
-                                                 bootstrap_key=jax.random.fold_in(key_boot, 0), **mc)
-    bar.update(config.steps)
+        bar.set_postfix_str("online classifier")
+        saved: list = []
 
-    bar.set_postfix_str("online classifier")
-    saved: list = []
+        def save(t, state):
+            saved.append((t, np.asarray(state.x), np.asarray(state.log_posterior)))
 
-    def save(t, state):
-        saved.append((t, np.asarray(state.x), np.asarray(state.log_posterior)))
+        online = jdi.online_curves(
+            mix, problems, schedule, key=key_online, sampler=sampler, bootstrap_key=jax.random.fold_in(key_boot, 1),
+            paths_per_class=config.paths_per_class, record_x=True, batch_size=2048,
+            chunk=config.save_every or max(1, config.steps // 20), progress=bar.update,
+            after_chunk=save if config.save_every else None, **mc)
+        curves["online"] = online
+        bar.close()
+        run = online.trajectories
+        paths_x = run.path_x[..., 0]  # (T, M): the first coordinate of the recorded paths
+        path_classes = run.classes[run.path_index]
 
-    online = jdi.online_curves(
-        mix, problems, schedule, key=key_online, sampler=sampler, bootstrap_key=jax.random.fold_in(key_boot, 1),
-        paths_per_class=config.paths_per_class, record_x=True, batch_size=2048,
-        chunk=config.save_every or max(1, config.steps // 20), progress=bar.update,
-        after_chunk=save if config.save_every else None, **mc)
-    curves["online"] = online
-    bar.close()
-    run = online.trajectories
-    paths_x = run.path_x[..., 0]  # (T, M): the first coordinate of the recorded paths
-    path_classes = run.classes[run.path_index]
+        for name, c in curves.items():
+            for field in ("entropy_bits", "entropy_rate"):
+                if not np.all(np.isfinite(getattr(c, field))):
+                    raise FloatingPointError(f"non-finite {field} from the {name} estimator")
 
-    for name, c in curves.items():
-        for field in ("entropy_bits", "entropy_rate"):
-            if not np.all(np.isfinite(getattr(c, field))):
-                raise FloatingPointError(f"non-finite {field} from the {name} estimator")
+        summary = {
+            "mixture": {
+                "means": np.asarray(mix.means).tolist(),
+                "stds": np.asarray(mix.stds).tolist(),
+                "weights": np.asarray(mix.weights, np.float64).tolist(),
+            },
+            "schedule": {"name": config.schedule, "steps": config.steps},
+            "sampler": sampler.describe(),
+            "num_samples_per_class": config.num_samples,
+            "seed": config.seed,
+            "rate_bandwidth": {name: c.rate_bandwidth for name, c in curves.items()},
+            "estimators": list(curves),
+            "methods": results.methods(curves),
+            "problems": [results.problem_summary(i, curves) for i in range(len(problems))],
+        }
+        results.write_json(out / "summary.json", summary)
+        results.write_npz(out / "curves.npz", {
+            "time": time_grid,
+            "prior_entropy_bits": online.prior_entropy_bits,
+            "problem_names": np.array(online.names),
+            "paths/x": paths_x, "paths/log_posterior": run.path_log_posterior, "paths/classes": path_classes,
+            "mean_posterior": run.mean_posterior,
+            "x_0": run.x_0, "x_0_classes": run.classes,
+            **results.curves_arrays(curves),
+        })
 
-    summary = {
-        "mixture": {
-            "means": np.asarray(mix.means).tolist(),
-            "stds": np.asarray(mix.stds).tolist(),
-            "weights": np.asarray(mix.weights, np.float64).tolist(),
-        },
-        "schedule": {"name": config.schedule, "steps": config.steps},
-        "sampler": sampler.describe(),
-        "num_samples_per_class": config.num_samples,
-        "seed": config.seed,
-        "rate_bandwidth": {name: c.rate_bandwidth for name, c in curves.items()},
-        "estimators": list(curves),
-        "methods": results.methods(curves),
-        "problems": [results.problem_summary(i, curves) for i in range(len(problems))],
-    }
-    results.write_json(out / "summary.json", summary)
-    results.write_npz(out / "curves.npz", {
-        "time": time_grid,
-        "prior_entropy_bits": online.prior_entropy_bits,
-        "problem_names": np.array(online.names),
-        "paths/x": paths_x, "paths/log_posterior": run.path_log_posterior, "paths/classes": path_classes,
-        "mean_posterior": run.mean_posterior,
-        "x_0": run.x_0, "x_0_classes": run.classes,
-        **results.curves_arrays(curves),
-    })
+        if saved:
+            steps = np.array([t for t, _, _ in saved])
+            results.write_npz(out / "trajectories.npz", {
+                "t": steps, "time": np.where(steps > 0, time_grid[np.maximum(steps - 1, 0)], 0.0),
+                "x": np.stack([x for _, x, _ in saved]), "log_posterior": np.stack([lp for _, _, lp in saved]),
+                "classes": run.classes})
 
-    if saved:
-        steps = np.array([t for t, _, _ in saved])
-        results.write_npz(out / "trajectories.npz", {
-            "t": steps, "time": np.where(steps > 0, time_grid[np.maximum(steps - 1, 0)], 0.0),
-            "x": np.stack([x for _, x, _ in saved]), "log_posterior": np.stack([lp for _, _, lp in saved]),
-            "classes": run.classes})
-
-    class_names = [_component_name(mix, k) for k in range(K)]
-    title = (f"{_mixture_title(mix)}; online: {sampler.describe()}; {config.num_samples} trajectories per class "
-             f"(Monte Carlo estimators), {config.steps} steps")
-    figures = {
-        "entropy_rate.png": plots.curves_figure(curves, "entropy_rate", title),
-        "entropy.png": plots.curves_figure(curves, "entropy_bits", title),
-        "posterior_paths.png": plots.posterior_paths_figure(time_grid, run.path_log_posterior, path_classes,
-                                                            run.mean_posterior, class_names, config.num_samples),
-        "density.png": _density_figure(mix, schedule, time_grid, paths_x, path_classes),
-    }
-    for name, fig in figures.items():
-        results.save_figure(fig, out / name)
-        plots.plt.close(fig)
-    return summary
+        class_names = [_component_name(mix, k) for k in range(K)]
+        title = (f"{_mixture_title(mix)}; online: {sampler.describe()}; {config.num_samples} trajectories per class "
+                 f"(Monte Carlo estimators), {config.steps} steps")
+        figures = {
+            "entropy_rate.png": plots.curves_figure(curves, "entropy_rate", title),
+            "entropy.png": plots.curves_figure(curves, "entropy_bits", title),
+            "posterior_paths.png": plots.posterior_paths_figure(time_grid, run.path_log_posterior, path_classes,
+                                                                run.mean_posterior, class_names, config.num_samples),
+            "density.png": _density_figure(mix, schedule, time_grid, paths_x, path_classes),
+        }
+        for name, fig in figures.items():
+            results.save_figure(fig, out / name)
+            plots.plt.close(fig)
+        return summary
 
 
 def _mixture_title(mix) -> str:
@@ -240,6 +246,49 @@ def _density_figure(mix, schedule, time_grid, paths_x, path_classes):
     return plots.density_figure(time_grid, grid, np.asarray(log_density), paths_x, path_classes, xlabel)
 
 
+def bytes_needed(num_classes: int, dim: int, num_problems: int, num_samples: int, steps: int = 1000,
+                 save_every: int = 0) -> int:
+    """A generous estimate of a run's peak memory in bytes.
+
+    Per trajectory (N = num_classes * num_samples of them for each Monte Carlo estimator),
+    float32 entries: x_t, the noise and the next x_t (5 d over both estimators), log P(k | x_t)
+    (3 K), the eps evaluations and reverse-step means per class and the forward draws'
+    per-class terms (2 K d), P(z | x_t) of every problem over the classes and its entropy
+    (2 P K + 2 P); twice that for the intermediates; with save_every, the saved x_t and
+    log P(k | x_t), held twice. Plus a fixed 0.5 GB for compilation and the bootstrap.
+    """
+    K, d, P = num_classes, dim, num_problems
+    per_trajectory = 5 * d + 3 * K + 2 * K * d + 2 * P * K + 2 * P
+    saved = (steps // save_every + 2) * (d + K) if save_every else 0
+    return FIXED_BYTES + 4 * K * num_samples * 2 * (per_trajectory + saved)
+
+
+FIXED_BYTES = 512 * 2**20
+
+
+def check_memory(config: Config) -> None:
+    """ValueError, one line, if the run's arrays cannot fit in the memory available, with the
+    largest --num-samples that fits."""
+    from experiments import cli
+
+    mix, problems = build_problem(config.spec)
+    cli.check_memory("--num-samples", config.num_samples, lambda n: bytes_needed(
+        mix.num_components, mix.dim, len(problems), n, config.steps, config.save_every))
+
+
+def min_steps(schedule: str) -> int:
+    """The fewest diffusion steps the named schedule takes (jaxdiff_info.schedule refuses fewer)."""
+    from jaxdiff_info.schedule import make_schedule
+
+    for steps in range(2, 1001):
+        try:
+            make_schedule(schedule, steps)
+        except ValueError:
+            continue
+        return steps
+    return 2
+
+
 # --- CLI ---------------------------------------------------------------------------------
 
 PROG = "python -m experiments.gmm"
@@ -269,8 +318,9 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     a = p.parse_args(argv)
     if a.num_samples < 1:
         p.error(f"--num-samples must be >= 1, got {a.num_samples}")
-    if a.steps < 2:
-        p.error(f"--steps must be >= 2, got {a.steps}")
+    fewest = min_steps(a.schedule)
+    if a.steps < fewest:
+        p.error(f"--steps must be >= {fewest} for the {a.schedule} schedule, got {a.steps}")
     if a.save_every < 0:
         p.error(f"--save-every must be >= 0, got {a.save_every}")
     if a.bootstrap < 1:
@@ -288,10 +338,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     enable_compilation_cache()
     start = time.perf_counter()
-    status, summary = run_command(PROG, lambda: run(config))
+    status, summary = run_command(PROG, lambda: run(config), out=config.out, outputs=summary_outputs(config))
     if status:
         return status
     report_written(summary_outputs(config), config.out, start)
+    if _renormalised(config.spec):
+        print("weights renormalised to sum to 1: " + ", ".join(f"{w:.6g}" for w in summary["mixture"]["weights"]))
     for problem in summary["problems"]:
         print(f"  {problem['name']:<22s} H(Z) = {problem['prior_entropy_bits']:.3f} bits")
         for est in summary["estimators"]:
@@ -300,7 +352,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def summary_outputs(config: Config) -> tuple[str, ...]:
-    return OUTPUTS + (("trajectories.npz",) if config.save_every else ())
+    return OUTPUTS + (OPTIONAL_OUTPUTS if config.save_every else ())
+
+
+def _renormalised(spec: dict) -> bool:
+    """Whether the spec's weights (valid, the run having used them) did not sum to 1."""
+    weights = spec.get("weights")
+    return weights is not None and abs(float(np.sum(weights)) - 1.0) > 1e-6
 
 
 if __name__ == "__main__":

@@ -1,26 +1,84 @@
 """Result files: the summary.json schema shared by the experiments, and safe writing.
 
-Files are written atomically (a temporary file in the same folder, then renamed), and an
-output folder that already holds results is never written into unless asked to.
+A run's outputs are written into a stage folder beside its output folder and moved into place
+only when all of them are written (`staged_outputs`), so that an error or Ctrl-C leaves the
+previous results as they were. Each file is written atomically (a temporary file in the same
+folder, then renamed) with the permissions of the user's umask. An output folder that already
+holds results is never replaced unless asked to.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import shutil
+import signal
+import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from jaxdiff_info.curves import Curves, local_peaks
 
 
-def prepare_output_dir(out: str | os.PathLike, outputs: Sequence[str], overwrite: bool) -> Path:
-    """Create `out` if needed; refuse to replace earlier results unless `overwrite`."""
+class WriteError(OSError):
+    """An output file could not be written (its OSError, with the file's path)."""
+
+
+@contextlib.contextmanager
+def staged_outputs(out: str | os.PathLike, outputs: Sequence[str], overwrite: bool, *,
+                   replaces: Iterable[str] = ()) -> Iterator[Path]:
+    """A stage folder to write a run's outputs into; `out` receives them all together or not at all.
+
+        with results.staged_outputs(out, OUTPUTS, overwrite) as stage:
+            ... compute ...
+            results.write_json(stage / "summary.json", summary)    # every output, into the stage
+
+    On entry: earlier results in `out` (any of `outputs` or `replaces`) are refused unless
+    `overwrite` (ValueError), and the stage `<parent>/.<name>.partial-XXXX` is created with any
+    missing parent folders, so that an --out that cannot be written is found before the run.
+    On a normal exit the stage takes the place of `out` with SIGINT and SIGTERM blocked; the
+    other files the user kept in `out` stay, while `replaces` (outputs of an earlier run that
+    this one does not write) go with the old results. A mount point or the working folder
+    cannot be moved: its files are replaced one by one. On an exception (Ctrl-C included)
+    the stage and the parent folders it created are removed and `out` is left as it was; a
+    Ctrl-C held back during the swap came after the run was complete, and is dropped.
+    An OSError while creating the stage, writing into it (`WriteError`) or moving it becomes
+    ValueError "cannot write results to OUT: <strerror>; choose another --out".
+    """
     out = Path(out)
+    names = tuple(dict.fromkeys((*outputs, *replaces)))
+    _refuse_to_replace(out, names, overwrite)
+    target = Path(os.path.realpath(out))
+    try:
+        stage, in_place, created = _make_stage(target)
+    except OSError as e:
+        raise _cannot_write(out, e) from None
+    phase = "run"
+    try:
+        yield stage
+        phase = "commit"
+        with _signals_blocked():
+            (_replace_files if in_place else _swap_folders)(stage, target, set(names))
+            phase = "done"
+    except KeyboardInterrupt:
+        if phase == "done":  # held back during the swap, so it came after the run was complete
+            return
+        _discard(stage, created)
+        raise
+    except BaseException as e:
+        _discard(stage, created)
+        if isinstance(e, WriteError) or (isinstance(e, OSError) and phase == "commit"):
+            raise _cannot_write(out, e) from None
+        raise
+
+
+def _refuse_to_replace(out: Path, outputs: Sequence[str], overwrite: bool) -> None:
+    """ValueError if `out` is a file, or holds any of `outputs` and not `overwrite`."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder; choose another --out")
     existing = [name for name in outputs if (out / name).exists()]
@@ -28,21 +86,123 @@ def prepare_output_dir(out: str | os.PathLike, outputs: Sequence[str], overwrite
         raise ValueError(
             f"{out} already holds results ({', '.join(existing)}); pass --overwrite to replace them or choose another --out"
         )
+
+
+def _cannot_write(out: Path, error: OSError) -> ValueError:
+    return ValueError(f"cannot write results to {out}: {error.strerror or error}; choose another --out")
+
+
+def _make_stage(target: Path) -> tuple[Path, bool, list[Path]]:
+    """A new stage folder for `target`; whether it is inside `target`; the parent folders made.
+
+    The stage goes beside `target`, to take its place, unless `target` is a folder that
+    cannot be moved: a mount point, the working folder or one above it, or one in a folder
+    that cannot be written. Then it goes inside, and `target`'s files are replaced one by one.
+    """
+    parent = target.parent
+    if target.is_dir():
+        cwd = Path.cwd()
+        if not (os.path.ismount(target) or target == cwd or target in cwd.parents):
+            with contextlib.suppress(OSError):
+                return Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=parent)), False, []
+        return Path(tempfile.mkdtemp(prefix=".partial-", dir=target)), True, []
+    created = [p for p in (parent, *parent.parents) if not p.exists()]
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create output folder {out}: {e.strerror}") from None
-    return out
+        for folder in reversed(created):
+            folder.mkdir()
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=parent)), False, created
+    except OSError:
+        _remove_folders(created)
+        raise
+
+
+def _discard(stage: Path, created: Sequence[Path]) -> None:
+    """Remove the stage and the parent folders made for it, signals held back."""
+    with _signals_blocked():
+        shutil.rmtree(stage, ignore_errors=True)
+        _remove_folders(created)
+
+
+def _remove_folders(folders: Sequence[Path]) -> None:
+    """Remove these folders, deepest first, where they are empty."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """SIGINT and SIGTERM held back until the block is done (then delivered)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _swap_folders(stage: Path, target: Path, results: set[str]) -> None:
+    """Put the complete `stage` in the place of `target`, with its permissions, and move the
+    user's other files over from the old folder, which is then removed."""
+    if not target.is_dir():
+        os.chmod(stage, 0o777 & ~_umask())
+        os.rename(stage, target)
+        return
+    os.chmod(stage, stat.S_IMODE(target.stat().st_mode))
+    aside = stage.with_name(stage.name.replace(".partial-", ".previous-"))
+    try:
+        os.rename(target, aside)
+    except OSError:  # a folder that cannot be moved after all
+        _replace_files(stage, target, results)
+        return
+    try:
+        os.rename(stage, target)
+    except OSError:
+        os.rename(aside, target)
+        raise
+    for entry in aside.iterdir():
+        if entry.name not in results and not (target / entry.name).exists():
+            os.rename(entry, target / entry.name)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _replace_files(stage: Path, target: Path, results: set[str]) -> None:
+    """Move every file of `stage` into `target`, remove the earlier `results` the run did not
+    write, then the stage."""
+    written = {entry.name for entry in stage.iterdir()}
+    for name in written:
+        os.replace(stage / name, target / name)
+    for name in results - written:
+        with contextlib.suppress(FileNotFoundError):
+            (target / name).unlink()
+    stage.rmdir()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write `data` to `path` through a temporary file in its folder, with the umask's permissions."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise WriteError(e.errno, e.strerror, str(path)) from e
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise WriteError(e.errno, e.strerror, str(path)) from e
         raise
 
 

@@ -1,6 +1,7 @@
 """`python -m experiments.cifar10 analyze` as a user meets it, on a briefly trained tiny model."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -104,3 +105,88 @@ def test_no_clip_turns_the_clip_off(checkpoint, tmp_path):
     out = tmp_path / "analysis"
     assert main(["analyze", "--checkpoint", str(checkpoint), "--out", str(out), "--no-clip"] + ARGS) == 0
     assert "clipped" not in json.loads((out / "summary.json").read_text())["sampler"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "2000"], "--steps must be >= 2 and <= 1000 (the model's schedule has only 1000 steps), got 2000"),
+    (["--steps", "1"], "--steps must be >= 2 and <= 1000 (the model's schedule has only 1000 steps), got 1"),
+])
+def test_steps_out_of_range_is_one_message(checkpoint, tmp_path, capsys, extra, message):
+    code, err = _run_expect_2(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "o")] + ARGS + extra, capsys)
+    assert (code, err) == (2, f"python -m experiments.cifar10 analyze: error: {message}")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture
+def earlier(checkpoint, tmp_path_factory):
+    """An --out holding a complete analysis and a file of the user's."""
+    out = tmp_path_factory.mktemp("earlier") / "analysis"
+    assert main(["analyze", "--checkpoint", str(checkpoint), "--out", str(out)] + ARGS) == 0
+    (out / "notes.txt").write_text("mine")
+    return out
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_failing_figure_leaves_the_earlier_analysis_as_it_was(checkpoint, earlier, monkeypatch):
+    from jaxdiff_info import plots
+
+    before = _files(earlier)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the heatmap failed")
+
+    monkeypatch.setattr(plots, "posterior_heatmap_figure", broken)
+    with pytest.raises(RuntimeError, match="heatmap"):
+        main(["analyze", "--checkpoint", str(checkpoint), "--out", str(earlier), "--overwrite", "--seed", "1"] + ARGS)
+    assert _files(earlier) == before
+    assert [p.name for p in earlier.parent.iterdir()] == ["analysis"]
+
+
+def test_an_out_that_cannot_be_written_fails_before_the_analysis(checkpoint, tmp_path, capsys, monkeypatch):
+    import jaxdiff_info.analysis
+
+    def computed(*args, **kwargs):
+        raise AssertionError("the analysis started")
+
+    monkeypatch.setattr(jaxdiff_info.analysis, "analyze_model", computed)
+    (tmp_path / "file").write_text("a file")
+    code, err = _run_expect_2(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "file" / "o")] + ARGS, capsys)
+    assert (code, err) == (2, f"python -m experiments.cifar10 analyze: error: cannot write results to "
+                              f"{tmp_path / 'file' / 'o'}: Not a directory; choose another --out")
+
+
+def test_an_analysis_too_large_for_memory_is_refused_with_what_to_lower(checkpoint, tmp_path, capsys, monkeypatch):
+    import jaxdiff_info.analysis
+    from experiments import cli
+
+    def computed(*args, **kwargs):
+        raise AssertionError("the analysis started")
+
+    monkeypatch.setattr(jaxdiff_info.analysis, "analyze_model", computed)
+    monkeypatch.setattr(cli, "available_memory", lambda: (2 * 10**9, ""))
+    args = ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "o"), "--samples-per-class", "100", "--steps", "4",
+            "--no-progress"]
+    code, err = _run_expect_2(args, capsys)
+    found = re.fullmatch(r"python -m experiments.cifar10 analyze: error: --samples-per-class 100 needs about "
+                         r"([\d.]+) GB of memory, 2.0 GB are available; use --samples-per-class (\d+) or less, "
+                         r"or --batch-size (\d+)", err)
+    assert code == 2 and found, err
+    assert float(found[1]) > 2 and 2 <= int(found[2]) < 100 and int(found[3]) >= 1
+    assert not (tmp_path / "o").exists()
+    for fits in (["--samples-per-class", found[2]], ["--batch-size", found[3]]):
+        with pytest.raises(AssertionError, match="the analysis started"):  # past the check
+            main(["analyze"] + args + fits)
+
+
+def test_ctrl_c_during_an_analysis(checkpoint, tmp_path):
+    from test_outputs import interrupt_when_staged
+
+    out = tmp_path / "analysis"
+    args = ["experiments.cifar10", "analyze", "--checkpoint", str(checkpoint), "--samples-per-class", "2",
+            "--bootstrap", "10", "--no-progress", "--out", str(out)]
+    code, err = interrupt_when_staged(args, out, after=2.0)
+    assert (code, err) == (130, "python -m experiments.cifar10 analyze: interrupted; nothing was written\n")
+    assert list(tmp_path.iterdir()) == []

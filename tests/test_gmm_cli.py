@@ -1,8 +1,12 @@
 """`python -m experiments.gmm` as a user meets it: outputs, schema, and bad input."""
 
+import dataclasses
 import json
+import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,3 +149,72 @@ def test_runs_as_a_module(tmp_path):
     r = subprocess.run([sys.executable, "-m", "experiments.gmm", "--steps", "1", "--out", str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--steps must be >= 2" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "5"], "--steps must be >= 21 for the linear schedule, got 5"),
+    (["--steps", "20"], "--steps must be >= 21 for the linear schedule, got 20"),
+    (["--steps", "1", "--schedule", "cosine"], "--steps must be >= 2 for the cosine schedule, got 1"),
+])
+def test_too_few_steps_is_one_message_naming_the_schedule(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        gmm.main(FAST + args + ["--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"{gmm.PROG}: error: {message}\n"
+
+
+def test_the_fewest_steps_run(tmp_path):
+    assert gmm.main(FAST + ["--steps", "21", "--out", str(tmp_path / "o")]) == 0
+
+
+def test_weights_of_any_scale_are_renormalised_and_said_so(tmp_path, capsys):
+    for weights, said in (([1, 2, 3, 4], True), ([0.25, 0.25, 0.25, 0.25], False)):
+        spec = {**gmm.PAPER_SPEC, "weights": weights}
+        (tmp_path / "spec.json").write_text(json.dumps(spec))
+        out = tmp_path / f"o{said}"
+        assert gmm.main(FAST + ["--spec", str(tmp_path / "spec.json"), "--out", str(out)]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        note = [line for line in printed if "renormalised" in line]
+        assert note == (["weights renormalised to sum to 1: 0.1, 0.2, 0.3, 0.4"] if said else [])
+        assert json.loads((out / "summary.json").read_text())["mixture"]["weights"] == pytest.approx(
+            np.asarray(weights) / np.sum(weights))
+
+
+def test_a_run_too_large_for_memory_is_refused_at_once(tmp_path, capsys, monkeypatch):
+    import jaxdiff_info
+
+    def computed(*args, **kwargs):
+        raise AssertionError("the computation started")
+
+    for name in ("exact_curves", "forward_mc_curves", "online_curves"):
+        monkeypatch.setattr(jaxdiff_info, name, computed)
+    start = time.perf_counter()
+    assert gmm.main(FAST + ["--num-samples", "1000000000", "--out", str(tmp_path / "o")]) == 2
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    found = re.fullmatch(rf"{re.escape(gmm.PROG)}: error: --num-samples 1000000000 needs about ([\d.]+) GB of memory, "
+                         r"([\d.]+) GB are available; use --num-samples (\d+) or less\n", err)
+    assert found, err
+    need, available, largest = float(found[1]), float(found[2]), int(found[3])
+    assert need > available and 1 <= largest < 1_000_000_000
+    assert not (tmp_path / "o").exists()
+
+    from experiments import cli
+
+    monkeypatch.setattr(cli, "available_memory", lambda: (20 * 10**9, ""))
+    config = gmm.Config(spec=gmm.PAPER_SPEC, steps=100)
+    gmm.check_memory(config)  # the default run fits
+    with pytest.raises(ValueError, match=r"20 GB are available; use --num-samples (\d+) or less") as refused:
+        gmm.check_memory(dataclasses.replace(config, num_samples=10**9))
+    largest = int(re.search(r"use --num-samples (\d+)", str(refused.value))[1])
+    gmm.check_memory(dataclasses.replace(config, num_samples=largest))  # the suggestion fits, exactly
+    with pytest.raises(ValueError, match="needs about"):
+        gmm.check_memory(dataclasses.replace(config, num_samples=largest + 1))
+
+
+def test_readme_states_weights_and_save_every():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    spec = next(line for line in readme.split("\n- ") if line.startswith("`--spec`"))
+    assert "renormalised to sum to 1" in spec
+    save = next(line for line in readme.split("\n- ") if line.startswith("`--save-every N`"))
+    assert "default 0: off" in save

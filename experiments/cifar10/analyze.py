@@ -87,9 +87,9 @@ def config_from_args(a: argparse.Namespace) -> AnalyzeConfig:
 
 
 def run_from_args(a: argparse.Namespace) -> int:
-    """The CLI: 0 on success, 2 (and one line on stderr) on bad input."""
+    """The CLI: 0 on success, 2 (and one line on stderr) on bad input, 130 on Ctrl-C."""
     start = time.perf_counter()
-    status, summary = run_command(PROG, lambda: run(config_from_args(a)))
+    status, summary = run_command(PROG, lambda: run(config_from_args(a)), out=a.out, outputs=OUTPUTS)
     if status:
         return status
     report_written(OUTPUTS, a.out, start)
@@ -99,6 +99,11 @@ def run_from_args(a: argparse.Namespace) -> int:
 
 
 def run(config: AnalyzeConfig) -> dict:
+    """Analyse the checkpoint, write the result files, and return the summary.
+
+    The files go into a stage folder beside config.out, created before the analysis and moved
+    into place when all are written (`results.staged_outputs`).
+    """
     import jax
     from tqdm import tqdm
 
@@ -108,34 +113,86 @@ def run(config: AnalyzeConfig) -> dict:
 
     if config.samples_per_class < 2:
         raise ValueError(f"--samples-per-class must be >= 2, got {config.samples_per_class}")
-    if config.steps is not None and config.steps < 2:
-        raise ValueError(f"--steps must be >= 2, got {config.steps}")
     model = training.load_checkpoint(config.checkpoint, step=config.checkpoint_step, use_ema=config.use_ema)
+    check_steps(config, model.num_train_steps)
     train_schedule = jdi.linear_schedule(model.num_train_steps)
     schedule = train_schedule if config.steps in (None, model.num_train_steps) else jdi.respace(train_schedule,
                                                                                                   config.steps)
-    out = results.prepare_output_dir(config.out, OUTPUTS, config.overwrite)
+    check_memory(config, model.config, unet.count_params(model.params))
+    with results.staged_outputs(config.out, OUTPUTS, config.overwrite) as out:
+        K = model.config.num_classes
+        problems = [decisions.class_label(K, "class")]
+        problems += list(decisions.make_problems(model.decision_problems, K)) if model.decision_problems else []
+        shape = (model.config.image_size, model.config.image_size, model.config.channels)
+        network = jdi.Network(unet.make_eps_fn(model.config), model.params, shape, K)
+        sampler = jdi.Sampler("ddpm", config.variance, clip_x0=1.0 if config.clip_x0 else None)
+        bar = tqdm(total=schedule.num_steps, unit="step", desc="analyze", disable=not config.progress,
+                   file=sys.stderr)
+        result = analyze_model(
+            network, schedule, problems, samples_per_class=config.samples_per_class, key=jax.random.key(config.seed),
+            sampler=sampler, generation=config.generation, guidance=config.guidance, class_names=model.class_names,
+            batch_size=config.batch_size, bandwidth=config.bandwidth, num_resamples=config.num_resamples,
+            paths_per_class=config.paths_per_class, num_snapshots=config.num_snapshots, progress=bar.update)
+        bar.close()
+        return write_outputs(out, result, {
+            "checkpoint": str(config.checkpoint), "checkpoint_step": model.step, "model_config": model.config_name,
+            "dataset": model.dataset, "weights": "ema" if config.use_ema else "raw",
+            "schedule": {"steps": schedule.num_steps, "train_steps": model.num_train_steps},
+            "generation": config.generation, "guidance": config.guidance,
+            "num_samples_per_class": config.samples_per_class, "seed": config.seed,
+            "rate_bandwidth": config.bandwidth,
+        })
 
-    K = model.config.num_classes
-    problems = [decisions.class_label(K, "class")]
-    problems += list(decisions.make_problems(model.decision_problems, K)) if model.decision_problems else []
-    shape = (model.config.image_size, model.config.image_size, model.config.channels)
-    network = jdi.Network(unet.make_eps_fn(model.config), model.params, shape, K)
-    sampler = jdi.Sampler("ddpm", config.variance, clip_x0=1.0 if config.clip_x0 else None)
-    bar = tqdm(total=schedule.num_steps, unit="step", desc="analyze", disable=not config.progress, file=sys.stderr)
-    result = analyze_model(
-        network, schedule, problems, samples_per_class=config.samples_per_class, key=jax.random.key(config.seed),
-        sampler=sampler, generation=config.generation, guidance=config.guidance, class_names=model.class_names,
-        batch_size=config.batch_size, bandwidth=config.bandwidth, num_resamples=config.num_resamples,
-        paths_per_class=config.paths_per_class, num_snapshots=config.num_snapshots, progress=bar.update)
-    bar.close()
-    return write_outputs(out, result, {
-        "checkpoint": str(config.checkpoint), "checkpoint_step": model.step, "model_config": model.config_name,
-        "dataset": model.dataset, "weights": "ema" if config.use_ema else "raw",
-        "schedule": {"steps": schedule.num_steps, "train_steps": model.num_train_steps},
-        "generation": config.generation, "guidance": config.guidance,
-        "num_samples_per_class": config.samples_per_class, "seed": config.seed, "rate_bandwidth": config.bandwidth,
-    })
+
+def check_steps(config: AnalyzeConfig, num_train_steps: int) -> None:
+    """ValueError, one line, unless --steps is between 2 and the model's schedule's steps."""
+    if config.steps is not None and not 2 <= config.steps <= num_train_steps:
+        raise ValueError(f"--steps must be >= 2 and <= {num_train_steps} (the model's schedule has only "
+                         f"{num_train_steps} steps), got {config.steps}")
+
+
+def bytes_needed(net, num_params: int, samples_per_class: int, batch_size: int | None, classes_per_call: int,
+                 num_snapshots: int) -> int:
+    """A generous estimate of an analysis' peak memory in bytes (`net`: the UNetConfig).
+
+    N = K * samples_per_class trajectories hold x_t, the noise, the next x_t, x_0 and two
+    images per snapshot (float32 images of H * W * C); each network call takes
+    min(batch_size, N) trajectories times `classes_per_call` classes (K, or K + 1 with the
+    null class), each image with the U-Net's activations: (num_res_blocks + 2) feature maps
+    per level and the attention matrices. Twice the arrays and three times the activations,
+    for intermediates; plus the weights (three copies) and 0.5 GB for compilation and the bootstrap.
+    """
+    n = net.num_classes * samples_per_class
+    image = net.image_size**2 * net.channels
+    sizes = [net.image_size // 2**level for level in range(len(net.ch_mult))]
+    activations = sum((net.num_res_blocks + 2) * net.ch * mult * size**2 for mult, size in zip(net.ch_mult, sizes))
+    activations += sum(size**4 for size in sizes if size in net.attn_resolutions)
+    per_call = min(batch_size or n, n) * classes_per_call
+    return (FIXED_BYTES + 3 * 4 * num_params
+            + 4 * (2 * n * image * (4 + 2 * num_snapshots) + 3 * per_call * activations))
+
+
+FIXED_BYTES = 512 * 2**20
+
+
+def check_memory(config: AnalyzeConfig, net, num_params: int) -> None:
+    """ValueError, one line, if the analysis cannot fit in the memory available, with the
+    largest --samples-per-class that fits and, without --batch-size, a batch size that does."""
+    from experiments import cli
+
+    calls = net.num_classes + (1 if config.generation == "unconditional" or config.guidance != 0 else 0)
+
+    def needed(samples_per_class, batch_size=config.batch_size):
+        return bytes_needed(net, num_params, samples_per_class, batch_size, calls, config.num_snapshots)
+
+    def batched(available):
+        if config.batch_size is not None:
+            return None
+        n = net.num_classes * config.samples_per_class
+        batch = cli.largest_fitting(lambda b: needed(config.samples_per_class, b), available, 1, n)
+        return None if batch is None else f"--batch-size {batch}"
+
+    cli.check_memory("--samples-per-class", config.samples_per_class, needed, minimum=2, alternative=batched)
 
 
 def write_outputs(out: Path, result, settings: dict) -> dict:
