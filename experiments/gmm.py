@@ -158,6 +158,8 @@ def run(config: Config) -> dict:
             chunk=config.save_every or max(1, config.steps // 20), progress=bar.update,
             after_chunk=save if config.save_every else None, **mc)
         curves["online"] = online
+        if online.exact_state is not None:  # the exact P(k | x_t) at the same x_t: the size of the path effect
+            curves["online_state"] = online.exact_state
         bar.close()
         run = online.trajectories
         paths_x = run.path_x[..., 0]  # (T, M): the first coordinate of the recorded paths
@@ -181,6 +183,7 @@ def run(config: Config) -> dict:
             "rate_bandwidth": {name: c.rate_bandwidth for name, c in curves.items()},
             "estimators": list(curves),
             "methods": results.methods(curves),
+            "posterior": {name: c.posterior for name, c in curves.items()},
             "problems": [results.problem_summary(i, curves) for i in range(len(problems))],
         }
         results.write_json(out / "summary.json", summary)
@@ -347,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for problem in summary["problems"]:
         print(f"  {problem['name']:<22s} H(Z) = {problem['prior_entropy_bits']:.3f} bits")
         for est in summary["estimators"]:
-            print(f"    {est:<11s} {describe_times(problem, est)}")
+            print(f"    {est:<12s} {describe_times(problem, est)}")
     return 0
 
 

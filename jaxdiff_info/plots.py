@@ -18,6 +18,7 @@ STYLE = {
     "exact": dict(color="black", lw=1.6, ls="-", label="exact (quadrature)"),
     "forward_mc": dict(color="tab:blue", lw=1.2, ls="--", label="forward Monte Carlo"),
     "online": dict(color="tab:red", lw=1.2, ls="-", label="online classifier"),
+    "online_state": dict(color="tab:orange", lw=1.0, ls=":", label="exact P(k | x_t) on the online paths"),
 }
 
 

@@ -39,6 +39,8 @@ def test_writes_every_output(checkpoint, tmp_path, capsys):
     assert len(summary["classes"]) == 10 and summary["classes"][0]["name"] == "warm-disk"
     assert summary["schedule"] == {"steps": 4, "train_steps": 1000} and summary["weights"] == "ema"
     assert "x_0 prediction clipped to +-1" in summary["sampler"]  # Ho et al.'s clip, on by default
+    assert summary["posterior"] == {"online": "state (DDPM approximation)"}
+    assert "sigma_t^2 = beta_t" in summary["posterior_note"] and "state posterior" in summary["posterior_note"]
     for p in summary["problems"]:
         assert len(p["time"]) == 4 and np.all(np.isfinite(p["entropy_rate"]["online"]))
         assert p["entropy_bits"]["online"][-1] == pytest.approx(p["prior_entropy_bits"], abs=1e-4)
@@ -190,3 +192,12 @@ def test_ctrl_c_during_an_analysis(checkpoint, tmp_path):
     code, err = interrupt_when_staged(args, out, after=2.0)
     assert (code, err) == (130, "python -m experiments.cifar10 analyze: interrupted; nothing was written\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unconditional_generation_with_guidance_is_refused(checkpoint, tmp_path, capsys):
+    out = tmp_path / "analysis"
+    status = main(["analyze", "--checkpoint", str(checkpoint), "--out", str(out), "--generation", "unconditional",
+                   "--guidance", "1.5"] + ARGS)
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "\n" not in err and "unconditional generation with guidance" in err
+    assert not out.exists()

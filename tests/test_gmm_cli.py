@@ -33,8 +33,8 @@ def test_writes_every_output_with_the_documented_schema(default_run):
         assert p["groups"] == gmm.PAPER_SPEC["decisions"][p["name"]]
         assert len(p["time"]) == 100 and p["time"][0] == pytest.approx(0.01) and p["time"][-1] == pytest.approx(1.0)
         for field in ("entropy_bits", "entropy_rate", "peak_time", "half_time"):
-            assert set(p[field]) == {"exact", "forward_mc", "online"}
-        for est in ("exact", "forward_mc", "online"):
+            assert set(p[field]) == {"exact", "forward_mc", "online", "online_state"}
+        for est in ("exact", "forward_mc", "online", "online_state"):
             assert len(p["entropy_bits"][est]) == 100 and np.all(np.isfinite(p["entropy_rate"][est]))
             assert 0 < p["peak_time"][est] <= 1
             assert 0 < p["half_time"][est] <= 1
@@ -45,6 +45,10 @@ def test_writes_every_output_with_the_documented_schema(default_run):
             assert lo <= p["half_time"][est] <= hi
             assert np.shape(p["entropy_bits_ci95"][est]) == (2, 100)
         assert p["entropy_bits"]["online"][-1] == pytest.approx(p["prior_entropy_bits"], abs=1e-5)
+    # which posterior each estimator's curves are, and how: the path effect is visible in every run
+    assert summary["posterior"] == {"exact": "state (exact posterior)", "forward_mc": "state (exact posterior)",
+                                    "online": "state (exact kernel)", "online_state": "state (exact posterior)"}
+    assert "beta~_t" in summary["methods"]["online"] and "online trajectories" in summary["methods"]["online_state"]
     arrays = np.load(default_run / "curves.npz")
     assert arrays["online/entropy_bits"].shape == (8, 100)  # the layout of Curves: problem first
     assert arrays["online/class_entropy_bits"].shape == (8, 4, 100)
@@ -66,7 +70,7 @@ def test_d_dimensional_spec_skips_quadrature(tmp_path):
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     assert gmm.main(FAST + ["--spec", str(tmp_path / "spec.json"), "--out", str(tmp_path / "o")]) == 0
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
-    assert summary["estimators"] == ["forward_mc", "online"]
+    assert summary["estimators"] == ["forward_mc", "online", "online_state"]  # no quadrature in d > 1
     assert [p["name"] for p in summary["problems"]] == ["y", "0 vs 1"]
     assert summary["problems"][0]["prior_entropy_bits"] == pytest.approx(1.5)
 

@@ -26,6 +26,12 @@ def test_research_code_example_runs_and_prints_the_exact_peak_times(tmp_path):
     assert len(code.strip().splitlines()) <= 20, "the example should stay short"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    # the README shows what it prints (numbers to the rounding of the last digit)
+    section = README.split("## From research code", 1)[1]
+    shown = re.search(r"It prints.*?```\n(.*?)```", section, re.S).group(1)
+    numbers = lambda text: [float(x) for x in re.findall(r"\d+\.\d+", text)]  # noqa: E731
+    assert len(numbers(shown)) == len(numbers(r.stdout)) > 0
+    assert max(abs(a - b) for a, b in zip(numbers(shown), numbers(r.stdout))) <= 0.0015
     lines = {line.split("  ")[0].strip(): line for line in r.stdout.splitlines() if "peak:" in line}
     assert set(lines) == set(EXACT_PEAKS)
     for name, peak in EXACT_PEAKS.items():

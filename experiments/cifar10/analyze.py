@@ -109,7 +109,7 @@ def run(config: AnalyzeConfig) -> dict:
 
     import jaxdiff_info as jdi
     from jaxdiff_info import decisions, results, training, unet
-    from jaxdiff_info.analysis import analyze_model
+    from jaxdiff_info.analysis import analyze_model, posterior_note
 
     if config.samples_per_class < 2:
         raise ValueError(f"--samples-per-class must be >= 2, got {config.samples_per_class}")
@@ -141,6 +141,8 @@ def run(config: AnalyzeConfig) -> dict:
             "generation": config.generation, "guidance": config.guidance,
             "num_samples_per_class": config.samples_per_class, "seed": config.seed,
             "rate_bandwidth": config.bandwidth,
+            "posterior": {"online": result.posterior},
+            "posterior_note": posterior_note(result.posterior, sampler),
         })
 
 
