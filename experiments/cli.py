@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -47,6 +49,7 @@ def run_command(prog: str, command: Callable[[], object], *, out: Path | None = 
     `out` (the run's output folder; `outputs`, its result files) that line says that nothing
     was written, and that the results already there are unchanged. Returns (status, what
     the command returned)."""
+    previous = _watch_interrupts()
     try:
         return 0, command()
     except ValueError as e:
@@ -57,6 +60,55 @@ def run_command(prog: str, command: Callable[[], object], *, out: Path | None = 
         print(f"{prog}: {interrupted_note(out, outputs)}", file=sys.stderr)
         _exit_if_command(130)
         return 130, None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous[0])
+            sys.unraisablehook = previous[1]
+
+
+class _Interrupts:
+    """Whether Ctrl-C was pressed during the running command. A KeyboardInterrupt that arrives
+    while Python runs a finaliser is ignored, so the commands re-raise it at checkpoints."""
+
+    seen = False
+
+
+def _watch_interrupts():
+    """Install the SIGINT handler of a command (main thread only), and keep quiet about a
+    KeyboardInterrupt that a finaliser swallowed (a checkpoint raises it again); returns the
+    previous handler and hook."""
+    _Interrupts.seen = False
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_sigint(signum, frame):
+        _Interrupts.seen = True
+        raise KeyboardInterrupt
+
+    hook = sys.unraisablehook
+
+    def quiet(unraisable):
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            hook(unraisable)
+
+    sys.unraisablehook = quiet
+    return signal.signal(signal.SIGINT, on_sigint), hook
+
+
+def checkpoint() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C was pressed during the running command (call it between
+    chunks of work and before results are moved into place)."""
+    if _Interrupts.seen:
+        raise KeyboardInterrupt
+
+
+def with_checkpoint(update: Callable[[int], object]) -> Callable[[int], object]:
+    """A progress callback that first re-raises a Ctrl-C the command may have lost."""
+    def progress(n: int):
+        checkpoint()
+        return update(n)
+
+    return progress
 
 
 def _close_progress_bars() -> None:

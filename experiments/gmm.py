@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from experiments import enable_compilation_cache
+from experiments import cli, enable_compilation_cache
 from experiments.cli import Parser, describe_times, report_written, run_command
 
 OUTPUTS = ("summary.json", "curves.npz", "entropy_rate.png", "entropy.png", "posterior_paths.png", "density.png")
@@ -155,7 +155,7 @@ def run(config: Config) -> dict:
         online = jdi.online_curves(
             mix, problems, schedule, key=key_online, sampler=sampler, bootstrap_key=jax.random.fold_in(key_boot, 1),
             paths_per_class=config.paths_per_class, record_x=True, batch_size=2048,
-            chunk=config.save_every or max(1, config.steps // 20), progress=bar.update,
+            chunk=config.save_every or max(1, config.steps // 20), progress=cli.with_checkpoint(bar.update),
             after_chunk=save if config.save_every else None, **mc)
         curves["online"] = online
         if online.exact_state is not None:  # the exact P(k | x_t) at the same x_t: the size of the path effect
@@ -217,6 +217,7 @@ def run(config: Config) -> dict:
         for name, fig in figures.items():
             results.save_figure(fig, out / name)
             plots.plt.close(fig)
+        cli.checkpoint()  # a Ctrl-C lost in a finaliser: the results stay unmoved
         return summary
 
 
@@ -272,8 +273,6 @@ FIXED_BYTES = 512 * 2**20
 def check_memory(config: Config) -> None:
     """ValueError, one line, if the run's arrays cannot fit in the memory available, with the
     largest --num-samples that fits."""
-    from experiments import cli
-
     mix, problems = build_problem(config.spec)
     cli.check_memory("--num-samples", config.num_samples, lambda n: bytes_needed(
         mix.num_components, mix.dim, len(problems), n, config.steps, config.save_every))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments import cli
 from experiments.cli import describe_times, report_written, run_command
 
 PROG = "python -m experiments.cifar10 analyze"
@@ -132,9 +133,9 @@ def run(config: AnalyzeConfig) -> dict:
             network, schedule, problems, samples_per_class=config.samples_per_class, key=jax.random.key(config.seed),
             sampler=sampler, generation=config.generation, guidance=config.guidance, class_names=model.class_names,
             batch_size=config.batch_size, bandwidth=config.bandwidth, num_resamples=config.num_resamples,
-            paths_per_class=config.paths_per_class, num_snapshots=config.num_snapshots, progress=bar.update)
+            paths_per_class=config.paths_per_class, num_snapshots=config.num_snapshots, progress=cli.with_checkpoint(bar.update))
         bar.close()
-        return write_outputs(out, result, {
+        summary = write_outputs(out, result, {
             "checkpoint": str(config.checkpoint), "checkpoint_step": model.step, "model_config": model.config_name,
             "dataset": model.dataset, "weights": "ema" if config.use_ema else "raw",
             "schedule": {"steps": schedule.num_steps, "train_steps": model.num_train_steps},
@@ -144,6 +145,8 @@ def run(config: AnalyzeConfig) -> dict:
             "posterior": {"online": result.posterior},
             "posterior_note": posterior_note(result.posterior, sampler),
         })
+        cli.checkpoint()  # a Ctrl-C lost in a finaliser: the results stay unmoved
+        return summary
 
 
 def check_steps(config: AnalyzeConfig, num_train_steps: int) -> None:
@@ -180,8 +183,6 @@ FIXED_BYTES = 512 * 2**20
 def check_memory(config: AnalyzeConfig, net, num_params: int) -> None:
     """ValueError, one line, if the analysis cannot fit in the memory available, with the
     largest --samples-per-class that fits and, without --batch-size, a batch size that does."""
-    from experiments import cli
-
     calls = net.num_classes + (1 if config.generation == "unconditional" or config.guidance != 0 else 0)
 
     def needed(samples_per_class, batch_size=config.batch_size):
