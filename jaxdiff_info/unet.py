@@ -41,18 +41,8 @@ from flax import nnx
 from jaxdiff_info.schedule import alpha_bar_at, linear_schedule
 
 __all__ = [
-    "UNetConfig",
-    "CONFIGS",
-    "get_config",
-    "UNet",
-    "graphdef",
-    "abstract_params",
-    "init_params",
-    "apply",
-    "make_eps_fn",
-    "count_params",
-    "timestep_embedding",
-    "preconditioning",
+    "UNetConfig", "CONFIGS", "get_config", "UNet", "graphdef", "abstract_params", "init_params",
+    "apply", "make_eps_fn", "count_params", "timestep_embedding", "preconditioning",
 ]
 
 # T of the DDPM linear schedule the networks are trained on; a preconditioned network
@@ -60,9 +50,7 @@ __all__ = [
 TRAIN_STEPS = 1000
 
 
-# ----------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------
+# --- Configuration -------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,9 +149,7 @@ def get_config(name: str) -> UNetConfig:
         ) from None
 
 
-# ----------------------------------------------------------------------------
-# Layers
-# ----------------------------------------------------------------------------
+# --- Layers --------------------------------------------------------------------------
 
 # DDPM initialisation: variance scaling with fan_avg and a uniform distribution
 # for every kernel, zero biases; the last layer of every residual branch and
@@ -291,9 +277,7 @@ class Block(nnx.Module):
         return h if self.attn is None else self.attn(h)
 
 
-# ----------------------------------------------------------------------------
-# The U-Net
-# ----------------------------------------------------------------------------
+# --- The U-Net -----------------------------------------------------------------------
 
 
 class UNet(nnx.Module):
@@ -433,9 +417,7 @@ def preconditioning(t: jax.Array, sigma_data: float) -> tuple[jax.Array, jax.Arr
     return jnp.sqrt(v) / (s2 + v), jnp.sqrt(s2 / (s2 + v))
 
 
-# ----------------------------------------------------------------------------
-# Functional interface
-# ----------------------------------------------------------------------------
+# --- Functional interface ------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=None)
