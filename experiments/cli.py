@@ -62,8 +62,10 @@ def run_command(prog: str, command: Callable[[], object], *, out: Path | None = 
         return 130, None
     finally:
         if previous is not None:
-            signal.signal(signal.SIGINT, previous[0])
-            sys.unraisablehook = previous[1]
+            handler, hook, quiet = previous
+            signal.signal(signal.SIGINT, handler)
+            if sys.unraisablehook is quiet:  # else a hook installed since wraps it: keep the chain
+                sys.unraisablehook = hook
 
 
 class _Interrupts:
@@ -76,7 +78,7 @@ class _Interrupts:
 def _watch_interrupts():
     """Install the SIGINT handler of a command (main thread only), and keep quiet about a
     KeyboardInterrupt that a finaliser swallowed (a checkpoint raises it again); returns the
-    previous handler and hook."""
+    previous handler and hook, and the new hook."""
     _Interrupts.seen = False
     if threading.current_thread() is not threading.main_thread():
         return None
@@ -92,7 +94,7 @@ def _watch_interrupts():
             hook(unraisable)
 
     sys.unraisablehook = quiet
-    return signal.signal(signal.SIGINT, on_sigint), hook
+    return signal.signal(signal.SIGINT, on_sigint), hook, quiet
 
 
 def checkpoint() -> None:
