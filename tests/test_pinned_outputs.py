@@ -76,3 +76,23 @@ def test_training_samples_are_unchanged(variance, clip):
                                    variance=variance, clip=clip))
     got = [x.mean(), x[0, 0, 0, 0], x[1, 5, 7, 2], x[2, -1, -1, -1]]
     np.testing.assert_allclose(got, PINNED["sample"][f"{variance}_{clip}"], atol=1e-4)
+
+
+def test_mixture_curves_in_16_dimensions_are_unchanged():
+    """Online (path and exact-state readout) and forward Monte Carlo curves of an isotropic
+    mixture in d = 16, pinned before the mixture core moved to matrix products (norms and dot
+    products round differently: 1e-4 bits is far below any change of method)."""
+    import jaxdiff_info as jdi
+    from jaxdiff_info import mixture as M
+    from jaxdiff_info import schedule as S
+
+    want = PINNED["mixture_d16"]
+    rng = np.random.default_rng(3)
+    mix = M.make_mixture(rng.normal(size=(4, 16)) * 0.5 + 1.0, stds=[0.3, 0.0, 0.5, 0.2], weights=[1, 2, 1, 1])
+    sch = S.linear_schedule(100)
+    on = jdi.online_curves(mix, None, sch, samples_per_class=64, key=jax.random.key(0), num_resamples=20)
+    fm = jdi.forward_mc_curves(mix, None, sch, samples_per_class=64, key=jax.random.key(1), num_resamples=20)
+    np.testing.assert_allclose(on.entropy_bits[0, ::10], want["online_H"], atol=1e-4)
+    np.testing.assert_allclose(on.exact_state.entropy_bits[0, ::10], want["state_H"], atol=1e-4)
+    np.testing.assert_allclose(fm.entropy_bits[0, ::10], want["fmc_H"], atol=1e-4)
+    assert float(np.asarray(on.trajectories.x_0).mean()) == pytest.approx(want["x0"], abs=1e-4)
