@@ -24,6 +24,7 @@ from experiments.cli import Parser, describe_times, report_written, run_command
 OUTPUTS = ("summary.json", "curves.npz", "entropy_rate.png", "entropy.png", "posterior_paths.png", "density.png")
 OPTIONAL_OUTPUTS = ("trajectories.npz",)  # with --save-every
 
+SPEC_KEYS = ("means", "stds", "covs", "weights", "classes", "decisions")
 PAPER_SPEC: dict[str, Any] = {
     "means": [[-8.0], [-4.0], [6.0], [8.0]],
     "stds": [0.0, 0.0, 0.0, 0.0],
@@ -82,14 +83,17 @@ def build_problem(spec: dict):
     """The mixture and decision problems of a spec (validated)."""
     from jaxdiff_info import decisions, mixture
 
-    unknown = set(spec) - {"means", "stds", "weights", "decisions"}
+    unknown = set(spec) - set(SPEC_KEYS)
     if unknown:
-        raise ValueError(f"spec has unknown keys {sorted(unknown)}; allowed: means, stds, weights, decisions")
+        raise ValueError(f"spec has unknown keys {sorted(unknown)}; allowed: {', '.join(SPEC_KEYS)}")
     if "means" not in spec:
         raise ValueError("spec needs 'means': a list of component means (numbers for 1-D, lists for d-D)")
+    if "covs" in spec and "stds" in spec:
+        raise ValueError("spec gives both 'stds' and 'covs': one covariance per component, isotropic or full")
 
-    mix = mixture.make_mixture(spec["means"], spec.get("stds"), spec.get("weights"))
-    k = mix.num_components
+    mix = mixture.make_mixture(spec["means"], spec.get("stds"), spec.get("weights"), covs=spec.get("covs"),
+                               classes=spec.get("classes"))
+    k = mix.num_classes
     groups = spec.get("decisions")
     if groups is None:
         problems = [decisions.class_label(k)] + ([decisions.one_vs_rest(j, k) for j in range(k)] if k > 2 else [])
@@ -127,7 +131,7 @@ def run(config: Config) -> dict:
     check_memory(config)
     with results.staged_outputs(config.out, summary_outputs(config), config.overwrite,
                                 replaces=OPTIONAL_OUTPUTS) as out:
-        K = mix.num_components
+        K = mix.num_classes
         time_grid = np.asarray(schedule.time)
         key_fmc, key_online, key_boot = jax.random.split(jax.random.key(config.seed), 3)
         mc = dict(samples_per_class=config.num_samples, bandwidth=config.bandwidth, num_resamples=config.num_resamples,
@@ -171,11 +175,7 @@ def run(config: Config) -> dict:
                     raise FloatingPointError(f"non-finite {field} from the {name} estimator")
 
         summary = {
-            "mixture": {
-                "means": np.asarray(mix.means).tolist(),
-                "stds": np.asarray(mix.stds).tolist(),
-                "weights": np.asarray(mix.weights, np.float64).tolist(),
-            },
+            "mixture": _mixture_summary(config.spec, mix),
             "schedule": {"name": config.schedule, "steps": config.steps},
             "sampler": sampler.describe(),
             "num_samples_per_class": config.num_samples,
@@ -221,16 +221,32 @@ def run(config: Config) -> dict:
         return summary
 
 
+def _mixture_summary(spec: dict, mix) -> dict:
+    """The mixture as the spec gave it (component order of the spec), weights normalised."""
+    weights = np.ones(len(spec["means"])) if spec.get("weights") is None else np.asarray(spec["weights"], np.float64)
+    out = {"means": np.asarray(spec["means"], np.float64).tolist()}
+    if "covs" in spec:
+        out["covs"] = np.asarray(spec["covs"], np.float64).tolist()
+    else:
+        out["stds"] = np.zeros(len(weights)).tolist() if spec.get("stds") is None else np.asarray(spec["stds"], np.float64).tolist()
+    out["weights"] = (weights / weights.sum()).tolist()
+    out["classes"] = spec.get("classes") or [[k] for k in range(len(weights))]
+    out["class_weights"] = np.asarray(mix.class_weights, np.float64).tolist()
+    return out
+
+
 def _mixture_title(mix) -> str:
     means = np.asarray(mix.means)
-    if means.shape[1] == 1:
+    parts = "components" if mix.singleton_classes else f"classes of {mix.num_components} components"
+    full = ", full covariances" if mix.basis is not None else ""
+    if means.shape[1] == 1 and mix.singleton_classes:
         return f"{mix.num_components} components at {', '.join(f'{m:g}' for m in means[:, 0])}"
-    return f"{mix.num_components} components in d = {means.shape[1]}"
+    return f"{mix.num_classes} {parts} in d = {means.shape[1]}{full}"
 
 
 def _component_name(mix, k: int) -> str:
     m = np.asarray(mix.means[k])
-    return f"{m[0]:g}" if m.shape[0] == 1 else f"class {k}"
+    return f"{m[0]:g}" if m.shape[0] == 1 and mix.singleton_classes else f"class {k}"
 
 
 def _density_figure(mix, schedule, time_grid, paths_x, path_classes):
@@ -240,7 +256,10 @@ def _density_figure(mix, schedule, time_grid, paths_x, path_classes):
 
     from jaxdiff_info import mixture, plots
 
-    first = mixture.GaussianMixture(mix.means[:, :1], mix.stds, mix.log_weights)
+    var0 = np.asarray(mix.stds, np.float64) ** 2  # the first coordinate's variance in each component
+    if mix.basis is not None:
+        var0 = var0 + np.sum(np.asarray(mix.spectrum, np.float64) * np.asarray(mix.basis, np.float64)[:, 0, :] ** 2, -1)
+    first = mixture.GaussianMixture(mix.means[:, :1], jnp.asarray(np.sqrt(var0), jnp.float32), mix.log_weights)
     lo = min(float(jnp.min(first.means)), float(np.min(paths_x))) - 3.0
     hi = max(float(jnp.max(first.means)), float(np.max(paths_x))) + 3.0
     grid = np.linspace(lo, hi, 300)
@@ -251,18 +270,19 @@ def _density_figure(mix, schedule, time_grid, paths_x, path_classes):
 
 
 def bytes_needed(num_classes: int, dim: int, num_problems: int, num_samples: int, steps: int = 1000,
-                 save_every: int = 0) -> int:
+                 save_every: int = 0, num_components: int | None = None) -> int:
     """A generous estimate of a run's peak memory in bytes.
 
     Per trajectory (N = num_classes * num_samples of them for each Monte Carlo estimator),
     float32 entries: x_t, the noise and the next x_t (5 d over both estimators), log P(k | x_t)
     (3 K), the eps evaluations and reverse-step means per class and the forward draws'
     per-class terms (2 K d), P(z | x_t) of every problem over the classes and its entropy
-    (2 P K + 2 P); twice that for the intermediates; with save_every, the saved x_t and
+    (2 P K + 2 P), and the component log-likelihoods and within-class posteriors (3 per
+    component); twice that for the intermediates; with save_every, the saved x_t and
     log P(k | x_t), held twice. Plus a fixed 0.5 GB for compilation and the bootstrap.
     """
     K, d, P = num_classes, dim, num_problems
-    per_trajectory = 5 * d + 3 * K + 2 * K * d + 2 * P * K + 2 * P
+    per_trajectory = 5 * d + 3 * K + 2 * K * d + 2 * P * K + 2 * P + 3 * (num_components or K)
     saved = (steps // save_every + 2) * (d + K) if save_every else 0
     return FIXED_BYTES + 4 * K * num_samples * 2 * (per_trajectory + saved)
 
@@ -275,7 +295,7 @@ def check_memory(config: Config) -> None:
     largest --num-samples that fits."""
     mix, problems = build_problem(config.spec)
     cli.check_memory("--num-samples", config.num_samples, lambda n: bytes_needed(
-        mix.num_components, mix.dim, len(problems), n, config.steps, config.save_every))
+        mix.num_classes, mix.dim, len(problems), n, config.steps, config.save_every, mix.num_components))
 
 
 def min_steps(schedule: str) -> int:
@@ -299,7 +319,8 @@ PROG = "python -m experiments.gmm"
 def parse_args(argv: Sequence[str] | None) -> Config:
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--spec", type=str, default=None,
-                   help='mixture JSON: {"means": [...], "stds": [...], "weights": [...], "decisions": {name: [[...], ...]}} '
+                   help='mixture JSON: {"means": [...], "stds": [...] or "covs": [[[...], ...], ...], "weights": [...], '
+                        '"classes": [[components], ...], "decisions": {name: [[classes], ...]}} '
                         "(default: the paper's points at -8, -4, 6, 8 and its eight decision problems)")
     p.add_argument("--num-samples", type=int, default=Config.num_samples,
                    help="trajectories per class for each Monte Carlo estimator")

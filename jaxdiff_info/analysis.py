@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff_info.api import Network, generating_classes, online_curves, recorded_paths
+from jaxdiff_info import mixture as gmm
+from jaxdiff_info.api import Network, forward_mc_curves, generating_classes, online_curves, recorded_paths
 from jaxdiff_info.curves import Curves, class_curves
 from jaxdiff_info.decisions import DecisionProblem, class_label
 from jaxdiff_info.schedule import Sampler, Schedule, eps_to_x0
@@ -39,6 +40,10 @@ class Analysis:
     (t, x_t (M, ...), predicted x_0 (M, ...)) of the recorded trajectories, from t = T down
     to t = 0 (the generated sample), x_0 as the generating kernel predicts it (`kernel_x0`:
     guidance and clipping included); class_names (K,); sampler: the kernel, in words.
+
+    For a mixture model (a reference): forward_mc, the forward Monte Carlo curves with the
+    exact state posterior, and curves.exact_state, the exact P(k | x_t) read out along the
+    same online trajectories; shape: the shape of one example (x_0 and snapshots have it).
     """
 
     curves: Curves
@@ -46,6 +51,8 @@ class Analysis:
     snapshots: list
     class_names: tuple[str, ...]
     sampler: str
+    forward_mc: Curves | None = None
+    shape: tuple[int, ...] | None = None
 
     @property
     def time(self) -> np.ndarray:
@@ -74,11 +81,12 @@ class Analysis:
 
     @property
     def x_0(self) -> np.ndarray:
-        return self.curves.trajectories.x_0
+        x = self.curves.trajectories.x_0
+        return x if self.shape is None else x.reshape(x.shape[0], *self.shape)
 
 
 def analyze_model(
-    network: Network,
+    network: Network | gmm.GaussianMixture,
     schedule: Schedule,
     problems: Sequence[DecisionProblem] | None = None,
     *,
@@ -94,9 +102,12 @@ def analyze_model(
     paths_per_class: int = 2,
     num_snapshots: int = 6,
     progress: Callable[[int], None] | None = None,
+    shape: Sequence[int] | None = None,
 ) -> Analysis:
     """Generate with `network` on `schedule` and track P(k | x_t) online; any class-conditional
-    eps(params, x_t, t, k) with k = K the null class.
+    eps(params, x_t, t, k) with k = K the null class, or a mixture (`jaxdiff_info.references`:
+    its closed-form eps, with forward Monte Carlo and the exact state posterior beside the
+    online curves; shape: the shape of one example, e.g. (8, 8, 1), default (d,)).
 
     problems: decision problems over the K classes; the class label is put first when it is
     not among them (its per-class curves are `class_curves`). Trajectories are split over all
@@ -104,6 +115,12 @@ def analyze_model(
     num_snapshots: times (evenly spaced steps, T and 0 included) at which the predicted x_0 of
     the recorded trajectories is kept.
     """
+    model = network
+    if isinstance(model, gmm.GaussianMixture):
+        shape = tuple(shape) if shape is not None else (model.dim,)
+        if int(np.prod(shape)) != model.dim:
+            raise ValueError(f"an example of shape {shape} has {int(np.prod(shape))} entries, the mixture d = {model.dim}")
+        network = Network(gmm.eps_fn(schedule), gmm.centred(model)[0], (model.dim,), model.num_classes)
     K = network.num_classes
     if samples_per_class < 2:
         raise ValueError(f"--samples-per-class must be >= 2 (for confidence intervals), got {samples_per_class}")
@@ -128,18 +145,32 @@ def analyze_model(
 
     def snapshot(t, state):
         x = state.x[jnp.asarray(path_index)]
-        x0 = x if t == 0 else predict_x0(params, x, t, jnp.asarray(generating[path_index]))
-        snapshots.append((t, np.asarray(x), np.asarray(x0)))
+        x_model = x if shift is None else x - jnp.asarray(np.sqrt(alpha_bar(t)) * shift, x.dtype)
+        x0 = x if t == 0 else predict_x0(params, x_model, t, jnp.asarray(generating[path_index]))
+        if shift is not None and t > 0:
+            x0 = x0 + jnp.asarray(shift, x0.dtype)
+        x, x0 = np.asarray(x), np.asarray(x0)
+        if example_shape is not None:
+            x, x0 = x.reshape(x.shape[0], *example_shape), x0.reshape(x0.shape[0], *example_shape)
+        snapshots.append((t, x, x0))
 
+    mixture = isinstance(model, gmm.GaussianMixture)
+    shift = gmm.centred(model)[1] if mixture else None  # the eps above is the centred mixture's
+    example_shape = shape if mixture else None
+    alpha_bar = lambda t: float(schedule.alpha_bar[t - 1]) if t > 0 else 1.0  # noqa: E731
     curves = online_curves(
-        network, problems, schedule, samples_per_class=samples_per_class, key=key, sampler=sampler,
+        model, problems, schedule, samples_per_class=samples_per_class, key=key, sampler=sampler,
         generation=generation, guidance=guidance, bandwidth=bandwidth, num_resamples=num_resamples,
         paths_per_class=paths_per_class, batch_size=batch_size, chunk=snapshot_every, progress=progress,
         after_chunk=snapshot, sharding=trajectory_sharding(len(generating)))
     per_class = None
     if generation != "unconditional":
         per_class = class_curves(curves, label.name, names, jax.random.fold_in(key, 8))
-    return Analysis(curves, per_class, snapshots, names, sampler.describe())
+    forward = None
+    if mixture:
+        forward = forward_mc_curves(model, problems, schedule, samples_per_class=samples_per_class,
+                                    key=jax.random.fold_in(key, 9), bandwidth=bandwidth, num_resamples=num_resamples)
+    return Analysis(curves, per_class, snapshots, names, sampler.describe(), forward, example_shape)
 
 
 def kernel_x0(network: Network, schedule: Schedule, sampler: Sampler, guidance: float, params, x_t, t, c):

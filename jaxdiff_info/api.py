@@ -74,7 +74,7 @@ def _time(schedule: Schedule) -> np.ndarray:
 def _mixture_problems(mixture: gmm.GaussianMixture, problems) -> ProblemArrays:
     if not isinstance(mixture, gmm.GaussianMixture):
         raise ValueError(f"this estimator needs a GaussianMixture (the exact posterior), got {type(mixture).__name__}")
-    return problem_arrays(problems, np.asarray(mixture.weights, np.float64))
+    return problem_arrays(problems, np.asarray(mixture.class_weights, np.float64))
 
 
 # --- 1. exact ----------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def forward_mc_curves(mixture: gmm.GaussianMixture, problems: Sequence[DecisionP
     bootstrap_key: the intervals' key (default: derived from `key`)."""
     arrays = _mixture_problems(mixture, problems)
     _check_bandwidth(bandwidth)
-    blocks = estimators.make_blocks(mixture.num_components, samples_per_class, num_blocks)
+    blocks = estimators.make_blocks(mixture.num_classes, samples_per_class, num_blocks)
     sums = estimators.forward_mc_block_sums(gmm.centred(mixture)[0], schedule, arrays.membership, blocks, key)
     curves = curves_from_blocks(
         jax.random.fold_in(key, 7) if bootstrap_key is None else bootstrap_key, _time(schedule), sums, blocks.counts,
@@ -177,7 +177,7 @@ def online_curves(
         mix, shift = gmm.centred(model)  # H is unchanged by the move; float32 is not
         _check_float32_range(mix, schedule, sampler)
         eps, params, shape = gmm.eps_fn(schedule, with_null=with_null), mix, (model.dim,)
-        num_classes, log_prior = model.num_components, model.log_weights
+        num_classes, log_prior = model.num_classes, model.class_log_weights
         if not unconditional:
             state_log_posterior = lambda t, x: jax.vmap(gmm.log_posterior, (None, 0, None))(  # noqa: E731
                 mix, x, schedule.alpha_bar[t - 1])
@@ -263,13 +263,13 @@ def recorded_paths(generating: np.ndarray, paths_per_class: int) -> np.ndarray:
 def posterior_kind(model: Model, sampler: Sampler, guidance: float = 0.0) -> str:
     """Which posterior the online classifier tracks (docs/method.md): "path" for DDIM with
     eta != 1 or guided kernels; "state (exact kernel)" for DDPM with beta~_t (or DDIM eta = 1)
-    on a mixture of points without clipping, where each class kernel is the exact reverse of
-    its forward chain (exact up to the start, x_T ~ N(0, I) rather than q(x_T | k), which
+    on a mixture of points without clipping, each class one point, where each class kernel is
+    the exact reverse of its forward chain (exact up to the start, x_T ~ N(0, I) rather than q(x_T | k), which
     alpha_bar_T ~ 0 makes negligible); "state (DDPM approximation)" otherwise."""
     if guidance != 0.0 or (sampler.kind == "ddim" and sampler.eta != 1):
         return PATH
     exact_step = (sampler.kind == "ddpm" and sampler.variance == "small") or (sampler.kind == "ddim" and sampler.eta == 1)
-    points = isinstance(model, gmm.GaussianMixture) and bool(np.all(np.asarray(model.stds) == 0))
+    points = isinstance(model, gmm.GaussianMixture) and model.points and model.singleton_classes
     return STATE_EXACT_KERNEL if points and exact_step and sampler.clip_x0 is None else STATE_DDPM
 
 
@@ -281,7 +281,10 @@ def float32_range(schedule: Schedule, sampler: Sampler) -> float:
 
 
 def _check_float32_range(mixture: gmm.GaussianMixture, schedule: Schedule, sampler: Sampler) -> None:
-    span = float(np.abs(np.asarray(mixture.means)).max() + 6.0 * np.asarray(mixture.stds).max() + 6.0)
+    spread = float(np.asarray(mixture.stds).max())
+    if mixture.spectrum is not None:
+        spread = spread + float(np.sqrt(np.asarray(mixture.spectrum).max()))
+    span = float(np.abs(np.asarray(mixture.means)).max() + 6.0 * spread + 6.0)
     limit = float32_range(schedule, sampler)
     if span > limit:
         raise ValueError(

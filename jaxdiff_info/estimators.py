@@ -100,7 +100,7 @@ def block_entropy_sums(log_posterior: jax.Array, membership: np.ndarray, blocks:
 def quadrature_class_entropy(
     mixture: gmm.GaussianMixture, schedule: Schedule, membership: np.ndarray, num_nodes: int = 1001, width: float = 9.0
 ) -> jax.Array:
-    """(T, K, P) H_k(t) = integral p(x_t | k) h(P(z | x_t)) dx_t for a 1-D mixture.
+    """(T, C, P) H_c(t) = integral p(x_t | c) h(P(z | x_t)) dx_t for a 1-D mixture (C classes).
 
     Trapezoid rule on the union of every component's grid (num_nodes points over
     +-width standard deviations of that component at t), so narrow and wide components
@@ -117,18 +117,24 @@ def _quadrature(mixture, alpha_bars, membership, num_nodes, width):
     u = jnp.tile(jnp.linspace(-width, width, num_nodes), mixture.num_components)
     owner = jnp.repeat(jnp.arange(mixture.num_components), num_nodes)
     m = mixture.means[:, 0]
+    var0 = mixture.stds**2  # the variance of each component at t = 0 (in 1-D any covariance is one)
+    if mixture.basis is not None:
+        var0 = var0 + jnp.sum(mixture.spectrum * mixture.basis[:, 0, :] ** 2, axis=-1)
+    index, valid = gmm.class_layout(mixture)
 
     def at(alpha_bar):
-        sd = jnp.sqrt(alpha_bar * mixture.stds**2 + 1.0 - alpha_bar)
+        sd = jnp.sqrt(alpha_bar * var0 + 1.0 - alpha_bar)
         x = jnp.sqrt(alpha_bar) * m[owner] + sd[owner] * u
         order = jnp.argsort(x)
         x, j, uj = x[order], owner[order], u[order]
         # x_t - sqrt(abar) m_k from the node's own component, without cancellation
         offset = jnp.sqrt(alpha_bar) * (m[j][:, None] - m[None, :]) + (sd[j] * uj)[:, None]  # (M, K)
         v = sd**2
-        log_lik = -0.5 * offset**2 / v - 0.5 * jnp.log(2.0 * math.pi * v)  # log p(x | k)
-        h = batch_problem_entropy_bits(mixture.log_weights + log_lik, membership)  # (M, P)
-        f = jnp.exp(log_lik)[:, :, None] * h[:, None, :]  # (M, K, P)
+        joint = mixture.log_weights - 0.5 * offset**2 / v - 0.5 * jnp.log(2.0 * math.pi * v)  # log pi_k p(x | k)
+        if not mixture.singleton_classes:  # log pi_c p(x | c): the sum over the class's components
+            joint = jax.nn.logsumexp(jnp.where(valid, joint[:, index], -jnp.inf), axis=-1)  # (M, C)
+        h = batch_problem_entropy_bits(joint, membership)  # (M, P)
+        f = jnp.exp(joint - mixture.class_log_weights)[:, :, None] * h[:, None, :]  # p(x | c) h: (M, C, P)
         dx = jnp.diff(x)
         return jnp.sum(0.5 * (f[1:] + f[:-1]) * dx[:, None, None], axis=0)
 
@@ -167,8 +173,7 @@ def forward_mc_block_sums(
 def _forward_mc(mixture, schedule, classes, key, membership, blocks):
     def at(t):
         alpha_bar = schedule.alpha_bar[t - 1]
-        z = jax.random.normal(jax.random.fold_in(key, t), (classes.shape[0], mixture.dim))
-        x = jax.vmap(gmm.xt_given_class, (None, 0, None, 0))(mixture, classes, alpha_bar, z)
+        x = gmm.sample_xt_given_classes(mixture, jax.random.fold_in(key, t), classes, alpha_bar)
         log_post = jax.vmap(gmm.log_posterior, (None, 0, None))(mixture, x, alpha_bar)
         return block_entropy_sums(log_post, membership, blocks)
 

@@ -54,7 +54,9 @@ class TrackState:
 class Tracker:
     """A reverse sampler with the online classifier riding along.
 
-    eps_fn:      per-example eps(params, x_t, t, k), k = num_classes is the null class
+    eps_fn:      per-example eps(params, x_t, t, k), k = num_classes is the null class; if it
+                 has an attribute all_classes(params, x_t, t, with_null) -> (K [+ 1], *shape),
+                 that gives every class's eps at once (`mixture.eps_fn` has one)
     schedule:    the sampling schedule (respaced or not); eps gets schedule.timesteps
     sampler:     the reverse step taken (and so the kernel the classifier uses)
     num_classes: K
@@ -108,8 +110,12 @@ class Tracker:
         class): log sum_k P(k | path) N(x_{t-1}; mu_k, sigma^2) - log N(x_{t-1}; mu_null, sigma^2)."""
         K = self.num_classes
         s = self.schedule
-        ks = jnp.arange(K + 1 if with_null else K)
-        eps = jax.vmap(self.eps_fn, (None, None, None, 0))(params, x, s.timesteps[t - 1], ks)
+        all_classes = getattr(self.eps_fn, "all_classes", None)
+        if all_classes is not None:  # every class at once (a mixture: its posterior formed once)
+            eps = all_classes(params, x, s.timesteps[t - 1], with_null)
+        else:
+            ks = jnp.arange(K + 1 if with_null else K)
+            eps = jax.vmap(self.eps_fn, (None, None, None, 0))(params, x, s.timesteps[t - 1], ks)
         eps_class = eps[:K]
         if with_null:
             eps_null = eps[K]

@@ -109,6 +109,18 @@ BAD_SPECS = [
     ({"stds": [0]}, "needs 'means'"),
     ({"means": [0, 1], "colour": "red"}, "unknown keys"),
     ([1, 2], "must be a JSON object"),
+    ({"means": [[0, 0], [1, 1]], "covs": [[[1, 0], [0, 1]], [[1, 2], [2, 1]]]},
+     "the covariance of component 1 is not positive semi-definite"),
+    ({"means": [[0, 0], [1, 1]], "covs": [[[1, 0], [0, 1]], [[1, 0.5], [0, 1]]]}, "component 1 is not symmetric"),
+    ({"means": [[0, 0], [1, 1]], "covs": [[[1, 0], [0, 1]]]}, "covs must be one 2 x 2 matrix per component"),
+    ({"means": [[0, 0], [1, 1]], "covs": [[1, 0], [0, 1]]}, "covs must be one 2 x 2 matrix per component"),
+    ({"means": [0, 1], "stds": [0, 0], "covs": [[[1]], [[1]]]}, "both 'stds' and 'covs'"),
+    ({"means": [0, 1, 2], "classes": [[0, 1], [1, 2]]}, "component 1 is in class 0 and class 1"),
+    ({"means": [0, 1, 2], "classes": [[0, 1, 2], []]}, "class 1 must be a non-empty list"),
+    ({"means": [0, 1, 2], "classes": [[0, 1], [5]]}, "class 1 names component 5"),
+    ({"means": [0, 1, 2], "classes": [[0, 1]]}, "component 2 is in no class"),
+    ({"means": [0, 1, 2], "classes": [[0, 1], [2]], "decisions": {"p": [[0], [2]]}},
+     "names class 2, but the classes are 0..1"),
 ]
 
 
@@ -222,3 +234,21 @@ def test_readme_states_weights_and_save_every():
     assert "renormalised to sum to 1" in spec
     save = next(line for line in readme.split("\n- ") if line.startswith("`--save-every N`"))
     assert "default 0: off" in save
+
+
+def test_full_covariances_and_classes_of_components_run(tmp_path):
+    """A spec with covs and classes: the summary echoes them, the curves are over classes."""
+    spec = {"means": [[-2, 0], [2, 1], [0, 3], [1, -2]],
+            "covs": [[[1, 0.5], [0.5, 1]], [[0.3, 0], [0, 0.1]], [[0, 0], [0, 0]], [[0.2, -0.1], [-0.1, 0.4]]],
+            "weights": [1, 2, 1, 1], "classes": [[0, 2], [1, 3]]}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    assert gmm.main(FAST + ["--spec", str(path), "--out", str(tmp_path / "o")]) == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["mixture"]["covs"] == spec["covs"] and summary["mixture"]["classes"] == spec["classes"]
+    np.testing.assert_allclose(summary["mixture"]["class_weights"], [0.4, 0.6], rtol=1e-6)
+    assert [p["name"] for p in summary["problems"]] == ["all classes"]  # two classes: no one-vs-rest
+    assert summary["posterior"]["online"] == "state (DDPM approximation)"
+    p = summary["problems"][0]
+    gap = np.abs(np.subtract(p["entropy_bits"]["online"], p["entropy_bits"]["forward_mc"])).max()
+    assert gap < 0.15 and p["entropy_bits"]["online"][-1] == pytest.approx(p["prior_entropy_bits"], abs=1e-5)

@@ -22,6 +22,8 @@ ALLOWED = {
     # the research API on those, the image analysis on the API
     "api": CORE | {"tracking", "estimators"},
     "analysis": CORE | {"tracking", "api"},
+    # exact reference models of a dataset: mixtures
+    "references": {"mixture"},
     # models, data and training: rooms of their own beside the analysis
     "unet": {"schedule"},
     "data": set(),

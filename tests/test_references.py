@@ -1,0 +1,103 @@
+"""The two exact reference models of an image dataset: their parameters against numpy, and the
+online estimator on them held against their forward Monte Carlo curves."""
+
+import jax
+import numpy as np
+import pytest
+
+import jaxdiff_info as jdi
+from jaxdiff_info import references as R
+from jaxdiff_info.analysis import analyze_model
+
+RNG = np.random.default_rng(0)
+
+
+def digits():
+    """The 1,797 handwritten digits of scikit-learn, 8 x 8 x 1 in [-1, 1]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.images / 16.0 * 2.0 - 1.0)[..., None], d.target
+
+
+def test_gaussian_reference_is_the_class_mean_and_covariance():
+    x, y = RNG.normal(size=(300, 2, 3, 1)), RNG.integers(0, 3, 300)
+    mix = R.gaussian_reference(x, y, 3)
+    flat = x.reshape(300, -1)
+    for c in range(3):
+        np.testing.assert_allclose(mix.means[c], flat[y == c].mean(0), atol=1e-6)
+        u, l = np.asarray(mix.basis[c], np.float64), np.asarray(mix.spectrum[c], np.float64)
+        np.testing.assert_allclose(u @ np.diag(l) @ u.T, np.cov(flat[y == c].T, bias=True), atol=1e-5)
+    np.testing.assert_allclose(mix.class_weights, np.bincount(y) / 300, rtol=1e-6)
+
+
+def test_low_rank_gaussian_reference_keeps_the_top_directions_and_the_total_variance():
+    x = RNG.normal(size=(200, 50)) * np.linspace(3, 0.1, 50)
+    y = np.repeat([0, 1], 100)
+    mix = R.gaussian_reference(x, y, 2, rank=5)
+    assert mix.rank == 5 and not mix.complete
+    for c in range(2):
+        cov = np.cov(x[y == c].T, bias=True)
+        top = np.linalg.eigvalsh(cov)[::-1][:5]
+        s2 = float(mix.stds[c]) ** 2
+        np.testing.assert_allclose(np.asarray(mix.spectrum[c]) + s2, top, rtol=1e-4)
+        assert 5 * s2 + float(np.sum(mix.spectrum[c])) + 45 * s2 == pytest.approx(np.trace(cov), rel=1e-4)
+
+
+def test_empirical_reference_is_every_image_a_point_of_its_class():
+    x, y = RNG.normal(size=(30, 4)), RNG.integers(0, 3, 30)
+    mix = R.empirical_reference(x, y, 3)
+    assert mix.num_components == 30 and mix.num_classes == 3 and mix.points
+    np.testing.assert_array_equal(np.bincount(mix.component_class), np.bincount(y))
+    for c in range(3):  # grouped by class, in the images' order within it
+        np.testing.assert_allclose(mix.means[mix.component_class == c], x[y == c], atol=1e-6)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((np.zeros((4, 2)), np.array([0, 0, 1, 1]), 3), "class 2 has no images"),
+    ((np.zeros((4, 2)), np.array([0, 0, 1]), 2), "one label per image"),
+    ((np.full((2, 2), np.nan), np.array([0, 1]), 2), "finite"),
+])
+def test_bad_reference_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        R.gaussian_reference(*args)
+    with pytest.raises(ValueError, match="unknown reference 'linear'"):
+        R.make_reference("linear", *args)
+
+
+def test_gaussian_reference_of_digits_online_agrees_with_forward_mc():
+    """The online class-label curve of the digits' Gaussian reference (DDPM, beta~_t) within
+    Monte Carlo error of its forward Monte Carlo curve with the exact posterior."""
+    x, y = digits()
+    mix = R.gaussian_reference(x, y, 10)
+    schedule = jdi.linear_schedule(1000)
+    online = jdi.online_curves(mix, None, schedule, samples_per_class=64, key=jax.random.key(0), num_resamples=50)
+    fmc = jdi.forward_mc_curves(mix, None, schedule, samples_per_class=64, key=jax.random.key(1), num_resamples=50)
+    h_on, h_fmc = online.entropy_bits[0], fmc.entropy_bits[0]
+    band = (online.entropy_bits_ci95[0, :, 1] - online.entropy_bits_ci95[0, :, 0]
+            + fmc.entropy_bits_ci95[0, :, 1] - fmc.entropy_bits_ci95[0, :, 0]) / 2
+    inside = np.abs(h_on - h_fmc) <= band + 0.01
+    assert inside.mean() > 0.9, np.abs(h_on - h_fmc).max()
+    assert np.abs(h_on - h_fmc).max() < 0.15
+    assert online.exact_state is not None  # the exact state posterior along the same trajectories
+    assert np.abs(online.exact_state.entropy_bits[0] - h_on).max() < 0.1
+
+
+def test_analyze_model_takes_a_reference():
+    x, y = digits()
+    keep = np.concatenate([np.flatnonzero(y == c)[:20] for c in range(3)])
+    mix = R.empirical_reference(x[keep], y[keep], 3)
+    result = analyze_model(mix, jdi.linear_schedule(50), samples_per_class=4, key=jax.random.key(0),
+                           shape=(8, 8, 1), num_resamples=10, num_snapshots=3)
+    assert result.x_0.shape == (12, 8, 8, 1)
+    assert result.forward_mc is not None and result.forward_mc.posterior == "state (exact posterior)"
+    assert result.curves.exact_state is not None
+    for t, xt, x0 in result.snapshots:
+        assert xt.shape[1:] == (8, 8, 1) and x0.shape[1:] == (8, 8, 1)
+    # the memorising reference generates its training images (up to the last steps' noise)
+    train = x[keep].reshape(60, -1)
+    gaps = np.min(np.linalg.norm(result.x_0.reshape(12, 1, -1) - train[None], axis=-1), axis=1)
+    pair = np.linalg.norm(train[:, None] - train[None], axis=-1) + np.diag(np.full(60, np.inf))
+    assert np.all(gaps < 0.5 * np.median(pair.min(1))), (gaps, np.median(pair.min(1)))
+    with pytest.raises(ValueError, match="shape"):
+        analyze_model(mix, jdi.linear_schedule(50), samples_per_class=4, key=jax.random.key(0), shape=(8, 8, 3))
