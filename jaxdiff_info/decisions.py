@@ -82,6 +82,53 @@ def make_problems(spec: Mapping[str, Sequence[Sequence[int]]], num_classes: int)
     return tuple(problems)
 
 
+def parse_problem(text: str, class_names: Sequence[str],
+                  named: Mapping[str, Sequence[Sequence[int]]] | None = None) -> DecisionProblem:
+    """A problem written as text: "NAME=GROUP|GROUP|...", or the name of one in ``named``.
+
+    Each group is a comma-separated list of classes, each a name of ``class_names`` or else
+    an integer index 0..K-1: "3 vs 8=3|8", "odd vs even=1,3,5,7,9|0,2,4,6,8",
+    "pets=cat,dog|bird,frog". Spaces around names, groups and members are ignored. Raises
+    ValueError, one line, for a missing name or groups, an unknown class, a class named twice
+    or fewer than two groups.
+    """
+    num_classes = len(class_names)
+    name, eq, body = (part.strip() for part in str(text).partition("="))
+    if not eq:
+        if named is not None and name in named:
+            return make_problem(name, named[name], num_classes)
+        known = f"; the named ones are: {', '.join(named)}" if named else ""
+        raise ValueError(f"decision problem {text!r} is not NAME=GROUP|GROUP|... (groups of comma-separated "
+                         f"classes){known}")
+    if not name:
+        raise ValueError(f"decision problem {text!r} needs a name before '='")
+    if "=" in body:
+        raise ValueError(f"decision problem {text!r} has more than one '='")
+    groups: list[list[int]] = []
+    for group in body.split("|"):
+        members = [m.strip() for m in group.split(",")]
+        if not all(members):
+            raise ValueError(f"decision problem {text!r} has an empty group or class")
+        groups.append([_class_index(m, class_names, text) for m in members])
+    if len(groups) < 2:
+        raise ValueError(f"decision problem {text!r} needs at least two groups, separated by '|'")
+    members = [k for group in groups for k in group]
+    twice = sorted({class_names[k] for k in members if members.count(k) > 1})
+    if twice:
+        raise ValueError(f"decision problem {text!r} names class {', '.join(twice)} more than once")
+    return make_problem(name, groups, num_classes)
+
+
+def _class_index(member: str, class_names: Sequence[str], text: str) -> int:
+    """The index of a class given by name or as an integer; ValueError naming the choices."""
+    if member in class_names:
+        return list(class_names).index(member)
+    if member.isdecimal() and int(member) < len(class_names):
+        return int(member)
+    raise ValueError(f"decision problem {text!r} names an unknown class {member!r}; the classes are "
+                     f"{', '.join(class_names)} (or indices 0..{len(class_names) - 1})")
+
+
 # --- arrays for the compiled loop ---------------------------------------------------------
 
 def membership(problems: Sequence[DecisionProblem], num_classes: int) -> np.ndarray:

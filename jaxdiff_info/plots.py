@@ -182,7 +182,9 @@ def posterior_heatmap_figure(time: np.ndarray, mean_posterior: np.ndarray, class
 
 
 def _to_image(x: np.ndarray) -> np.ndarray:
-    return np.clip((np.asarray(x) + 1.0) / 2.0, 0.0, 1.0)
+    """An (H, W, C) image in [-1, 1] to [0, 1] for imshow; one channel drops to (H, W)."""
+    image = np.clip((np.asarray(x) + 1.0) / 2.0, 0.0, 1.0)
+    return image[..., 0] if image.shape[-1] == 1 else image
 
 
 def snapshot_paths_figure(time: np.ndarray, log_posterior: np.ndarray, path_classes: np.ndarray, snapshots,
@@ -209,7 +211,7 @@ def snapshot_paths_figure(time: np.ndarray, log_posterior: np.ndarray, path_clas
         for s, (t, _, x0) in enumerate(snapshots):
             a = fig.add_subplot(grid[m, 3 + s])
             if x0[m].ndim == 3:
-                a.imshow(_to_image(x0[m]), interpolation="nearest")
+                a.imshow(_to_image(x0[m]), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
             else:  # not an image: print the first coordinate
                 a.text(0.5, 0.5, f"{float(x0[m].ravel()[0]):.3g}", ha="center", va="center", fontsize=7)
             a.set_xticks([])

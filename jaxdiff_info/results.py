@@ -280,3 +280,36 @@ def curves_arrays(curves: Mapping[str, Curves]) -> dict[str, np.ndarray]:
             if value is not None:
                 arrays[f"{name}/{field}"] = np.asarray(value)
     return arrays
+
+
+DIFFERENCE_METHOD = ("a minus b on the same time grid; intervals: the two estimates are independent, so each "
+                     "95% half-width is the root sum of squares of the two curves' own 95% half-widths "
+                     "(a normal approximation to the percentile bootstrap intervals)")
+
+
+def _half_width(ci: np.ndarray | None) -> np.ndarray | float:
+    return 0.0 if ci is None else (np.asarray(ci)[..., 1] - np.asarray(ci)[..., 0]) / 2.0
+
+
+def curve_differences(a: Curves, b: Curves, index: int) -> dict:
+    """How row `index` of curves `a` (e.g. a network's) differs from row `index` of `b` (e.g. a
+    reference model's), for summary.json: the largest |H_a - H_b| in bits, the time t/T where
+    it is and its interval there, and the peak-time and half-time differences with intervals
+    (`DIFFERENCE_METHOD`)."""
+    if a.time.shape != b.time.shape or not np.allclose(a.time, b.time):
+        raise ValueError("curves on different time grids cannot be compared; use the same schedule and steps")
+    gap = np.asarray(a.entropy_bits[index], np.float64) - np.asarray(b.entropy_bits[index], np.float64)
+    at = int(np.argmax(np.abs(gap)))
+    band = np.hypot(_half_width(None if a.entropy_bits_ci95 is None else a.entropy_bits_ci95[index, at]),
+                    _half_width(None if b.entropy_bits_ci95 is None else b.entropy_bits_ci95[index, at]))
+    out = {"max_abs_entropy_difference_bits": round(float(abs(gap[at])), 6),
+           "max_abs_entropy_difference_time": round(float(a.time[at]), 6),
+           "entropy_difference_bits_at_max": round(float(gap[at]), 6),
+           "entropy_difference_bits_at_max_ci95": _round([gap[at] - band, gap[at] + band])}
+    for field in ("peak_time", "half_time"):
+        d = float(getattr(a, field)[index]) - float(getattr(b, field)[index])
+        ca, cb = getattr(a, f"{field}_ci95"), getattr(b, f"{field}_ci95")
+        w = float(np.hypot(_half_width(None if ca is None else ca[index]), _half_width(None if cb is None else cb[index])))
+        out[f"{field}_difference"] = round(d, 6)
+        out[f"{field}_difference_ci95"] = _round([d - w, d + w])
+    return out

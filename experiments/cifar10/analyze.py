@@ -2,9 +2,10 @@
 
 For every class, N trajectories are generated with the trained model; the online Bayesian
 classifier tracks P(k | x_t) for all K classes along them, in the same compiled loop as for
-mixtures (jaxdiff_info.tracking). Writes into --out: summary.json (the mixture experiment's
-schema, plus "classes"), curves.npz, class_entropy_rate.png, entropy_rate.png,
-posterior_paths.png, posterior_heatmap.png.
+mixtures (jaxdiff_info.tracking). The decision problems are the class label and those the
+dataset defines, or the class label and those given with --problem. Writes into --out:
+summary.json (the mixture experiment's schema, plus "classes"), curves.npz,
+class_entropy_rate.png, entropy_rate.png, posterior_paths.png, posterior_heatmap.png.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class AnalyzeConfig:
 
     checkpoint: Path
     out: Path = Path("results/cifar10")
+    problems: tuple[str, ...] = ()  # --problem texts (decisions.parse_problem); (): the dataset's
     samples_per_class: int = 64
     steps: int | None = None  # None: every step of the model's training schedule
     variance: str = "large"
@@ -55,6 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder written by `train` (required)")
     p.add_argument("--samples-per-class", type=int, default=AnalyzeConfig.samples_per_class,
                    help="trajectories generated from each class")
+    p.add_argument("--problem", action="append", default=None, metavar="NAME=GROUP|GROUP",
+                   help="a decision problem to track beside the class label, repeatable: groups of "
+                        "comma-separated class names or indices, e.g. \"3 vs 8=3|8\" or "
+                        "\"odd vs even=1,3,5,7,9|0,2,4,6,8\", or the name of one the dataset defines "
+                        "(default: all those the dataset defines)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps T, respaced from the model's schedule (default: all of them)")
     p.add_argument("--variance", choices=["small", "large"], default=AnalyzeConfig.variance,
@@ -81,7 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(a: argparse.Namespace) -> AnalyzeConfig:
     return AnalyzeConfig(
-        checkpoint=a.checkpoint, out=a.out, samples_per_class=a.samples_per_class, steps=a.steps,
+        checkpoint=a.checkpoint, out=a.out, problems=tuple(a.problem or ()),
+        samples_per_class=a.samples_per_class, steps=a.steps,
         variance=a.variance, clip_x0=not a.no_clip, generation=a.generation, guidance=a.guidance, batch_size=a.batch_size,
         use_ema=not a.raw_weights, checkpoint_step=a.checkpoint_step, seed=a.seed, bandwidth=a.bandwidth,
         num_resamples=a.bootstrap, overwrite=a.overwrite, progress=not a.no_progress)
@@ -109,21 +117,20 @@ def run(config: AnalyzeConfig) -> dict:
     from tqdm import tqdm
 
     import jaxdiff_info as jdi
-    from jaxdiff_info import decisions, results, training, unet
+    from jaxdiff_info import results, training, unet
     from jaxdiff_info.analysis import analyze_model, posterior_note
 
     if config.samples_per_class < 2:
         raise ValueError(f"--samples-per-class must be >= 2, got {config.samples_per_class}")
     model = training.load_checkpoint(config.checkpoint, step=config.checkpoint_step, use_ema=config.use_ema)
     check_steps(config, model.num_train_steps)
+    problems = choose_problems(config.problems, model.class_names, model.decision_problems)
     train_schedule = jdi.linear_schedule(model.num_train_steps)
     schedule = train_schedule if config.steps in (None, model.num_train_steps) else jdi.respace(train_schedule,
                                                                                                   config.steps)
     check_memory(config, model.config, unet.count_params(model.params))
     with results.staged_outputs(config.out, OUTPUTS, config.overwrite) as out:
         K = model.config.num_classes
-        problems = [decisions.class_label(K, "class")]
-        problems += list(decisions.make_problems(model.decision_problems, K)) if model.decision_problems else []
         shape = (model.config.image_size, model.config.image_size, model.config.channels)
         network = jdi.Network(unet.make_eps_fn(model.config), model.params, shape, K)
         sampler = jdi.Sampler("ddpm", config.variance, clip_x0=1.0 if config.clip_x0 else None)
@@ -147,6 +154,25 @@ def run(config: AnalyzeConfig) -> dict:
         })
         cli.checkpoint()  # a Ctrl-C lost in a finaliser: the results stay unmoved
         return summary
+
+
+def choose_problems(texts, class_names, named) -> list:
+    """The class label ("class"), then the problems of the --problem texts, or else every problem
+    the dataset defines (``named``). ValueError, one line, for a bad text or a repeated name."""
+    from jaxdiff_info import decisions
+
+    K = len(class_names)
+    if texts:
+        chosen = [decisions.parse_problem(text, class_names, named) for text in texts]
+    else:
+        chosen = list(decisions.make_problems(named, K)) if named else []
+    problems = [decisions.class_label(K, "class"), *chosen]
+    names = [p.name for p in problems]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"--problem names must be unique and not \"class\" (the class label's); repeated: "
+                         f"{', '.join(repeated)}")
+    return problems
 
 
 def check_steps(config: AnalyzeConfig, num_train_steps: int) -> None:

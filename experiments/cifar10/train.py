@@ -1,6 +1,7 @@
-"""Train a class-conditional U-Net on CIFAR-10 or shapes: `python -m experiments.cifar10 train`.
+"""Train a class-conditional U-Net on CIFAR-10, shapes or digits: `python -m experiments.cifar10 train`.
 
     python -m experiments.cifar10 train --config tiny --dataset shapes     # ~10-30 minutes on 2 CPU cores
+    python -m experiments.cifar10 train --config tiny --dataset digits     # scikit-learn's 8x8 digits
     python -m experiments.cifar10 train --config ddpm --dataset cifar10    # Ho et al. (2020), on GPUs
 
 Checkpoints go to --checkpoint-dir (default checkpoints/<config>-<dataset>). Running the same
@@ -38,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     base = training.TrainConfig
     p.add_argument("--config", choices=list(unet.CONFIGS), default=None,
-                   help="model config (default: the resumed run's, else tiny)")
+                   help="model config, sized for the dataset's images (default: the resumed run's, else tiny)")
     p.add_argument("--dataset", choices=list(DATASETS), default=None,
                    help="training data (default: the resumed run's, else shapes)")
     p.add_argument("--checkpoint-dir", type=Path, default=None,
@@ -56,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-dropout", type=float,
                    help=f"probability of training on the null label (default {base.label_dropout:g})")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="random horizontal flips (default on)")
+                   help="random horizontal flips (default on; off for digits, whose mirror images are no digits)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 compute with float32 master weights (default off)")
     p.add_argument("--seed", type=int, help="seed of the initialisation, the noise and the data order (default 0)")

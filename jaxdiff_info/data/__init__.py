@@ -1,8 +1,9 @@
 """Image datasets with class hierarchies, and on-device helpers to feed them to a model.
 
 ``load_dataset("cifar10", data_dir)`` reads (downloading if needed) CIFAR-10;
-``load_dataset("shapes", data_dir)`` generates the synthetic two-level "shapes" dataset.
-Both give a :class:`Dataset` of uint8 NHWC images; ``to_model_range`` maps them to
+``load_dataset("shapes", data_dir)`` generates the synthetic two-level "shapes" dataset;
+``load_dataset("digits", data_dir)`` gives scikit-learn's 8x8 handwritten digits.
+All give a :class:`Dataset` of uint8 NHWC images; ``to_model_range`` maps them to
 float32 in [-1, 1] and ``random_flip`` augments a batch on device.
 """
 
@@ -16,9 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff_info.data import cifar10, shapes
+from jaxdiff_info.data import cifar10, digits, shapes
 
-DATASETS = ("cifar10", "shapes")
+DATASETS = ("cifar10", "shapes", "digits")
+# (height, width, channels) of each dataset's images, known without loading them.
+IMAGE_SHAPES = {"cifar10": (32, 32, 3), "shapes": (32, 32, 3), "digits": (digits.SIZE, digits.SIZE, 1)}
+# Whether a mirrored image still shows its class: the default of random horizontal flips.
+MIRROR_SAFE = {"cifar10": True, "shapes": True, "digits": False}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -61,13 +66,15 @@ class Dataset:
 
 def load_dataset(name: str, data_dir: str | os.PathLike, *, split: str = "train",
                  seed: int = 0, num_examples: int | None = None) -> Dataset:
-    """Load one split of a dataset by name ("cifar10" or "shapes").
+    """Load one split of a dataset by name ("cifar10", "shapes" or "digits").
 
     cifar10: read from ``data_dir/cifar-10-python.tar.gz``, downloaded there when absent;
     ``num_examples`` keeps the first examples of the split (the files are in random
     order) and ``seed`` is unused. shapes: generated from ``seed`` (each split an
     independent draw; ``data_dir`` unused), 50,000 train or 10,000 test images unless
-    ``num_examples`` says otherwise.
+    ``num_examples`` says otherwise. digits: scikit-learn's 1,797 images (``data_dir`` unused),
+    split by ``seed`` into 1,438 train and 359 test images, 20% of each class held out
+    (``digits.load_digits``); ``num_examples`` keeps the first of the split's shuffled images.
     """
     if name == "cifar10":
         images, labels, class_names = cifar10.load_cifar10(
@@ -82,6 +89,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike, *, split: str = "train"
         images, labels, class_names = shapes.load_shapes(split, seed=seed,
                                                          num_examples=num_examples)
         problems = shapes.DECISION_PROBLEMS
+    elif name == "digits":
+        images, labels, class_names = digits.load_digits(split, seed=seed, num_examples=num_examples)
+        problems = digits.DECISION_PROBLEMS
     else:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return Dataset(images=images, labels=labels, class_names=tuple(class_names),
@@ -109,7 +119,10 @@ def random_flip(key: jax.Array, images: jax.Array) -> jax.Array:
 __all__ = [
     "DATASETS",
     "Dataset",
+    "IMAGE_SHAPES",
+    "MIRROR_SAFE",
     "cifar10",
+    "digits",
     "from_model_range",
     "load_dataset",
     "random_flip",

@@ -262,7 +262,7 @@ def _check_directory(directory: Path, config: TrainConfig) -> tuple[RunInfo | No
         return None, None
     net = config.net
     if (info.config_name, info.config, info.dataset) != (config.model, net, config.dataset):
-        same_name = info.config_name == config.model and info.config != net
+        same_name = (info.config_name, info.dataset) == (config.model, config.dataset) and info.config != net
         theirs = f"model {info.config_name!r}{' (other fields)' if same_name else ''} on {info.dataset}"
         raise ValueError(f"{directory} holds a run of {theirs}, not model {config.model!r} on {config.dataset}; "
                          f"choose another --checkpoint-dir (nothing was written)")
