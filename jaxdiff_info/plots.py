@@ -160,6 +160,47 @@ def class_curves_figure(class_curves: Curves, title: str | None = None):
     return fig
 
 
+MODEL_STYLE = {
+    "network": dict(color="black", lw=1.5, ls="-"),
+    "gaussian": dict(color="tab:blue", lw=1.2, ls="--"),
+    "empirical": dict(color="tab:red", lw=1.2, ls="-."),
+}
+
+
+def reference_overlay_figure(label: Mapping[str, Curves], classes: Mapping[str, Curves], label_index: int,
+                             descriptions: Mapping[str, str], title: str | None = None):
+    """A trained network held against its reference models: one panel for the class label
+    (row `label_index` of each `label` Curves) and one per class (the `classes` Curves, rows
+    named by class), each model's H(Y | X_t) with its 95% bootstrap band and its peak time as
+    a dotted line. label, classes: {model name: Curves}, the network first; descriptions:
+    {model name: what it is, for the legend}."""
+    first = next(iter(classes.values()))
+    names = first.names
+    fig, axes = _grid(len(names) + 1, width=3.3, height=2.5)
+    panels = [("class label, all trajectories", label, label_index)] + [
+        (f"trajectories of class {name}", classes, k) for k, name in enumerate(names)]
+    for ax, (heading, curves, i) in zip(axes, panels):
+        for model, c in curves.items():
+            style = MODEL_STYLE.get(model, dict(lw=1.0))
+            ax.plot(c.time, c.entropy_bits[i], label=descriptions.get(model, model), **style)
+            if c.entropy_bits_ci95 is not None:
+                ax.fill_between(c.time, c.entropy_bits_ci95[i, :, 0], c.entropy_bits_ci95[i, :, 1],
+                                color=style.get("color"), alpha=0.15, lw=0)
+            ax.axvline(c.peak_time[i], color=style.get("color"), lw=0.8, ls=":")
+        ax.set_title(heading, fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    axes[0].set_ylabel("H(Y | X_t)  [bits]", fontsize=8)
+    axes[0].legend(fontsize=6, loc="lower right", title="shaded: 95% bootstrap bands; dotted: peak of the rate",
+                   title_fontsize=6)
+    for ax in axes[-4:]:
+        ax.set_xlabel("t/T  (generation: 1 -> 0)", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def posterior_heatmap_figure(time: np.ndarray, mean_posterior: np.ndarray, class_names: Sequence[str]):
     """For each generating class, the average P(k | x_t) over its trajectories as a heat map
     (classes k down, normalised time across). mean_posterior: (T, C, K)."""

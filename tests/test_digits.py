@@ -253,3 +253,68 @@ def test_a_bad_problem_is_one_line_exit_2_and_nothing_written(checkpoint, tmp_pa
     assert code == 2 and message in err and "\n" not in err and "Traceback" not in err
     assert err.startswith("python -m experiments.cifar10 analyze: error: ")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- the exact references in the analysis CLI -----------------------------------------------------
+
+def test_analyze_a_reference_without_a_checkpoint(tmp_path, capsys):
+    out = tmp_path / "ref"
+    assert main(["analyze", "--reference", "gaussian", "--dataset", "digits", "--steps", "20",
+                 "--samples-per-class", "4", "--bootstrap", "10", "--no-progress", "--out", str(out),
+                 "--problem", "1 vs 8"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reference"] == "gaussian" and summary["estimators"] == ["online", "online_state", "forward_mc"]
+    assert summary["posterior"]["forward_mc"] == "state (exact posterior)"
+    assert "full covariances" in summary["model"] and summary["num_components"] == 10
+    assert [p["name"] for p in summary["problems"]] == ["class", "1 vs 8"]
+    assert np.load(out / "curves.npz")["x_0"].shape == (40, 8, 8, 1)
+    assert "forward_mc" in capsys.readouterr().out
+
+
+def test_compare_references_writes_the_overlay_and_the_differences(checkpoint, tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["analyze", "--checkpoint", str(checkpoint), "--compare-references", "--steps", "10",
+                 "--samples-per-class", "2", "--bootstrap", "10", "--no-progress", "--out", str(out),
+                 "--problem", "0 vs 1"]) == 0
+    assert (out / "references.png").stat().st_size > 0
+    summary = json.loads((out / "summary.json").read_text())
+    refs = summary["references"]
+    assert set(refs) >= {"gaussian", "empirical", "difference_method"}
+    assert "64 training images" in refs["empirical"]["model"]  # the checkpoint's own training images
+    for name in ("gaussian", "empirical"):
+        assert [p["name"] for p in refs[name]["problems"]] == ["class", "0 vs 1"]
+        assert [c["name"] for c in refs[name]["classes"]] == list(NAMES)
+        for row in refs[name]["problems"] + refs[name]["classes"]:
+            lo, hi = row["half_time_difference_ci95"]
+            assert lo <= row["half_time_difference"] <= hi and row["max_abs_entropy_difference_bits"] >= 0
+    arrays = np.load(out / "curves.npz")
+    assert arrays["gaussian/online/entropy_bits"].shape == arrays["online/entropy_bits"].shape
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--reference", "gaussian"], "--reference needs --dataset"),
+    (["--dataset", "digits"], "give --checkpoint"),
+    ([], "give --checkpoint"),
+    (["--reference", "gaussian", "--dataset", "mnist"], "unknown dataset 'mnist'"),
+    (["--reference", "empirical", "--dataset", "digits", "--compare-references"], "give --checkpoint"),
+    (["--reference", "empirical", "--dataset", "digits", "--num-examples", "0"], "--num-examples must be >= 1"),
+    (["--reference", "empirical", "--dataset", "digits", "--num-examples", "5000"], "num_examples must be in 0..1438"),
+    (["--reference", "gaussian", "--dataset", "cifar10", "--data-dir", "CORRUPT"], "is corrupted"),
+    (["--reference", "gaussian", "--dataset", "digits", "--problem", "3 vs 12=3|12"], "12"),
+])
+def test_bad_reference_options_are_one_line_exit_2_and_nothing_written(tmp_path, capsys, args, message):
+    corrupt = tmp_path / "data"
+    corrupt.mkdir()
+    (corrupt / "cifar-10-python.tar.gz").write_bytes(b"not an archive")
+    args = [str(corrupt) if a == "CORRUPT" else a for a in args]
+    out = tmp_path / "o"
+    code = main(["analyze", *args, "--steps", "10", "--samples-per-class", "2", "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and "\n" not in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_dataset_with_a_checkpoint_is_refused(checkpoint, tmp_path, capsys):
+    code = main(["analyze", "--checkpoint", str(checkpoint), "--dataset", "digits", "--steps", "10",
+                 "--samples-per-class", "2", "--no-progress", "--out", str(tmp_path / "o")])
+    assert code == 2 and "--dataset is for --reference" in capsys.readouterr().err

@@ -1,11 +1,19 @@
 """When does a trained image model decide its class? `python -m experiments.cifar10 analyze`.
 
+    python -m experiments.cifar10 analyze --checkpoint checkpoints/tiny-digits           # a trained network
+    python -m experiments.cifar10 analyze --reference gaussian --dataset digits          # an exact reference
+    python -m experiments.cifar10 analyze --checkpoint checkpoints/tiny-digits --compare-references
+
 For every class, N trajectories are generated with the trained model; the online Bayesian
 classifier tracks P(k | x_t) for all K classes along them, in the same compiled loop as for
 mixtures (jaxdiff_info.tracking). The decision problems are the class label and those the
 dataset defines, or the class label and those given with --problem. Writes into --out:
 summary.json (the mixture experiment's schema, plus "classes"), curves.npz,
-class_entropy_rate.png, entropy_rate.png, posterior_paths.png, posterior_heatmap.png.
+class_entropy_rate.png, entropy_rate.png, posterior_paths.png, posterior_heatmap.png. A reference model (a mixture: `gaussian` or
+`empirical`, experiments/cifar10/references.py) adds forward Monte Carlo and the exact state
+posterior along the same trajectories; --compare-references analyses both references of the
+checkpoint's training images with the same settings and adds references.png and the
+differences to summary.json ("references").
 """
 
 from __future__ import annotations
@@ -24,14 +32,20 @@ from experiments.cli import describe_times, report_written, run_command
 PROG = "python -m experiments.cifar10 analyze"
 OUTPUTS = ("summary.json", "curves.npz", "class_entropy_rate.png", "entropy_rate.png",
            "posterior_paths.png", "posterior_heatmap.png")
+COMPARISON_OUTPUTS = ("references.png",)  # with --compare-references
 
 
 @dataclasses.dataclass(frozen=True)
 class AnalyzeConfig:
     """Everything one analysis depends on; the CLI builds it."""
 
-    checkpoint: Path
+    checkpoint: Path | None = None
     out: Path = Path("results/cifar10")
+    reference: str | None = None  # "gaussian" or "empirical": analyse that reference of `dataset` instead
+    dataset: str | None = None
+    data_dir: Path = Path("data")
+    num_examples: int | None = None  # training images the reference is built from (None: all)
+    compare_references: bool = False
     problems: tuple[str, ...] = ()  # --problem texts (decisions.parse_problem); (): the dataset's
     samples_per_class: int = 64
     steps: int | None = None  # None: every step of the model's training schedule
@@ -54,7 +68,19 @@ class AnalyzeConfig:
 # --- the CLI edge ----------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder written by `train` (required)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="checkpoint folder written by `train` (default: none; give it or --reference)")
+    p.add_argument("--reference", choices=["gaussian", "empirical"], default=None,
+                   help="analyse an exact reference model of --dataset instead of a network: gaussian (each class one "
+                        "Gaussian with its mean and covariance) or empirical (each class the mixture of its training "
+                        "images) (default: none)")
+    p.add_argument("--dataset", default=None, help="the dataset of --reference: digits, shapes or cifar10 (default: none)")
+    p.add_argument("--data-dir", type=Path, default=AnalyzeConfig.data_dir, help="where cifar10 is read from")
+    p.add_argument("--num-examples", type=int, default=None,
+                   help="build --reference from the first N training images (default: all of them)")
+    p.add_argument("--compare-references", action="store_true",
+                   help="with --checkpoint: also analyse both references of the checkpoint's training images with the "
+                        "same settings, and write references.png and the differences")
     p.add_argument("--samples-per-class", type=int, default=AnalyzeConfig.samples_per_class,
                    help="trajectories generated from each class")
     p.add_argument("--problem", action="append", default=None, metavar="NAME=GROUP|GROUP",
@@ -88,7 +114,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(a: argparse.Namespace) -> AnalyzeConfig:
     return AnalyzeConfig(
-        checkpoint=a.checkpoint, out=a.out, problems=tuple(a.problem or ()),
+        checkpoint=a.checkpoint, reference=a.reference, dataset=a.dataset, data_dir=a.data_dir,
+        num_examples=a.num_examples, compare_references=a.compare_references, out=a.out, problems=tuple(a.problem or ()),
         samples_per_class=a.samples_per_class, steps=a.steps,
         variance=a.variance, clip_x0=not a.no_clip, generation=a.generation, guidance=a.guidance, batch_size=a.batch_size,
         use_ema=not a.raw_weights, checkpoint_step=a.checkpoint_step, seed=a.seed, bandwidth=a.bandwidth,
@@ -97,63 +124,170 @@ def config_from_args(a: argparse.Namespace) -> AnalyzeConfig:
 
 def run_from_args(a: argparse.Namespace) -> int:
     """The CLI: 0 on success, 2 (and one line on stderr) on bad input, 130 on Ctrl-C."""
+    from experiments.cifar10 import references
+
     start = time.perf_counter()
-    status, summary = run_command(PROG, lambda: run(config_from_args(a)), out=a.out, outputs=OUTPUTS)
+    config = config_from_args(a)
+    status, summary = run_command(PROG, lambda: run(config), out=a.out, outputs=outputs(config))
     if status:
         return status
-    report_written(OUTPUTS, a.out, start)
+    report_written(outputs(config), a.out, start)
     for problem in summary["problems"]:
-        print(f"  {problem['name']:<24s} {describe_times(problem, 'online')}")
+        if len(summary["estimators"]) == 1:
+            print(f"  {problem['name']:<24s} {describe_times(problem, 'online')}")
+            continue
+        print(f"  {problem['name']}")
+        for est in summary["estimators"]:
+            print(f"    {est:<12s} {describe_times(problem, est)}")
+    references.print_comparison(summary)
     return 0
 
 
+def outputs(config: AnalyzeConfig) -> tuple[str, ...]:
+    return OUTPUTS + (COMPARISON_OUTPUTS if config.compare_references else ())
+
+
+def check_sources(config: AnalyzeConfig) -> None:
+    """ValueError, one line, unless the options name one model to analyse."""
+    if (config.checkpoint is None) == (config.reference is None):
+        raise ValueError("give --checkpoint (a trained network) or --reference gaussian|empirical with --dataset")
+    if config.reference is not None and config.dataset is None:
+        raise ValueError("--reference needs --dataset (digits, shapes or cifar10)")
+    if config.checkpoint is not None and config.dataset is not None:
+        raise ValueError("--dataset is for --reference; a checkpoint is analysed on its own dataset")
+    if config.compare_references and config.checkpoint is None:
+        raise ValueError("--compare-references holds a checkpoint's network against its references: give --checkpoint")
+    if config.num_examples is not None and config.num_examples < 1:
+        raise ValueError(f"--num-examples must be >= 1, got {config.num_examples}")
+
+
 def run(config: AnalyzeConfig) -> dict:
-    """Analyse the checkpoint, write the result files, and return the summary.
+    """Analyse the checkpoint (or the reference), write the result files, and return the summary.
 
     The files go into a stage folder beside config.out, created before the analysis and moved
     into place when all are written (`results.staged_outputs`).
     """
-    import jax
-    from tqdm import tqdm
-
     import jaxdiff_info as jdi
-    from jaxdiff_info import results, training, unet
-    from jaxdiff_info.analysis import analyze_model, posterior_note
+    from experiments.cifar10 import references
+    from jaxdiff_info import plots, results, training, unet
+    from jaxdiff_info.analysis import posterior_note
 
     if config.samples_per_class < 2:
         raise ValueError(f"--samples-per-class must be >= 2, got {config.samples_per_class}")
+    check_sources(config)
+    if config.reference is not None:
+        return run_reference(config)
     model = training.load_checkpoint(config.checkpoint, step=config.checkpoint_step, use_ema=config.use_ema)
     check_steps(config, model.num_train_steps)
     problems = choose_problems(config.problems, model.class_names, model.decision_problems)
-    train_schedule = jdi.linear_schedule(model.num_train_steps)
-    schedule = train_schedule if config.steps in (None, model.num_train_steps) else jdi.respace(train_schedule,
-                                                                                                  config.steps)
+    schedule = sampling_schedule(config, model.num_train_steps)
     check_memory(config, model.config, unet.count_params(model.params))
-    with results.staged_outputs(config.out, OUTPUTS, config.overwrite) as out:
+    refs = {}
+    if config.compare_references:  # built (and their data read) before anything is written
+        examples = references.checkpoint_examples(config.checkpoint)
+        for name in ("gaussian", "empirical"):
+            mixture, _, _, _, description = references.load_reference(name, model.dataset, config.data_dir, examples)
+            cli.check_memory("--samples-per-class", config.samples_per_class, lambda n, m=mixture: references.bytes_needed(
+                m, n, config.num_snapshots), minimum=2)
+            refs[name] = (mixture, description)
+    with results.staged_outputs(config.out, outputs(config), config.overwrite) as out:
         K = model.config.num_classes
         shape = (model.config.image_size, model.config.image_size, model.config.channels)
         network = jdi.Network(unet.make_eps_fn(model.config), model.params, shape, K)
-        sampler = jdi.Sampler("ddpm", config.variance, clip_x0=1.0 if config.clip_x0 else None)
-        bar = tqdm(total=schedule.num_steps, unit="step", desc="analyze", disable=not config.progress,
-                   file=sys.stderr)
-        result = analyze_model(
-            network, schedule, problems, samples_per_class=config.samples_per_class, key=jax.random.key(config.seed),
-            sampler=sampler, generation=config.generation, guidance=config.guidance, class_names=model.class_names,
-            batch_size=config.batch_size, bandwidth=config.bandwidth, num_resamples=config.num_resamples,
-            paths_per_class=config.paths_per_class, num_snapshots=config.num_snapshots, progress=cli.with_checkpoint(bar.update))
-        bar.close()
-        summary = write_outputs(out, result, {
+        sampler = make_sampler(config)
+        result = analyze(config, network, schedule, problems, model.class_names, shape, "analyze")
+        description = f"{model.config_name} on {model.dataset}, step {model.step}"
+        settings = {
             "checkpoint": str(config.checkpoint), "checkpoint_step": model.step, "model_config": model.config_name,
-            "dataset": model.dataset, "weights": "ema" if config.use_ema else "raw",
-            "schedule": {"steps": schedule.num_steps, "train_steps": model.num_train_steps},
-            "generation": config.generation, "guidance": config.guidance,
-            "num_samples_per_class": config.samples_per_class, "seed": config.seed,
-            "rate_bandwidth": config.bandwidth,
+            "dataset": model.dataset, "weights": "ema" if config.use_ema else "raw", "model": description,
+            **common_settings(config, schedule, model.num_train_steps),
             "posterior": {"online": result.posterior},
             "posterior_note": posterior_note(result.posterior, sampler),
-        })
+        }
+        compared = {name: (analyze(config, mixture, schedule, problems, model.class_names, shape, name), desc)
+                    for name, (mixture, desc) in refs.items()}
+        if compared:
+            label = result.curves.index("class")
+            settings["references"] = references.compare(result, compared, label)
+        summary = write_outputs(out, result, settings, extra={f"{n}/": r.curves for n, (r, _) in compared.items()})
+        if compared:
+            fig = references.overlay_figure(result, compared, label, f"network: {description}",
+                                            f"{description} against its references; {result.sampler}; "
+                                            f"{config.samples_per_class} trajectories per class, {schedule.num_steps} steps")
+            results.save_figure(fig, out / "references.png")
+            plots.plt.close(fig)
         cli.checkpoint()  # a Ctrl-C lost in a finaliser: the results stay unmoved
         return summary
+
+
+def run_reference(config: AnalyzeConfig) -> dict:
+    """Analyse reference `config.reference` of `config.dataset`: online, with forward Monte
+    Carlo and the exact state posterior beside it."""
+    from experiments.cifar10 import references
+    from jaxdiff_info import results, unet
+    from jaxdiff_info.analysis import posterior_note
+
+    mixture, shape, class_names, named, description = references.load_reference(
+        config.reference, config.dataset, config.data_dir, config.num_examples)
+    check_steps(config, unet.TRAIN_STEPS)
+    problems = choose_problems(config.problems, class_names, named)
+    schedule = sampling_schedule(config, unet.TRAIN_STEPS)
+    cli.check_memory("--samples-per-class", config.samples_per_class,
+                     lambda n: references.bytes_needed(mixture, n, config.num_snapshots), minimum=2)
+    with results.staged_outputs(config.out, outputs(config), config.overwrite) as out:
+        result = analyze(config, mixture, schedule, problems, class_names, shape, config.reference)
+        sampler = make_sampler(config)
+        summary = write_outputs(out, result, {
+            "reference": config.reference, "dataset": config.dataset, "model": description,
+            "num_components": mixture.num_components,
+            **common_settings(config, schedule, unet.TRAIN_STEPS),
+            "posterior": {"online": result.posterior, "online_state": result.curves.exact_state.posterior,
+                          "forward_mc": result.forward_mc.posterior},
+            "posterior_note": posterior_note(result.posterior, sampler),
+        })
+        cli.checkpoint()
+        return summary
+
+
+def sampling_schedule(config: AnalyzeConfig, num_train_steps: int):
+    """The model's training schedule (linear, num_train_steps), respaced to --steps."""
+    import jaxdiff_info as jdi
+
+    train_schedule = jdi.linear_schedule(num_train_steps)
+    return train_schedule if config.steps in (None, num_train_steps) else jdi.respace(train_schedule, config.steps)
+
+
+def make_sampler(config: AnalyzeConfig):
+    import jaxdiff_info as jdi
+
+    return jdi.Sampler("ddpm", config.variance, clip_x0=1.0 if config.clip_x0 else None)
+
+
+def common_settings(config: AnalyzeConfig, schedule, num_train_steps: int) -> dict:
+    return {"schedule": {"steps": schedule.num_steps, "train_steps": num_train_steps},
+            "generation": config.generation, "guidance": config.guidance,
+            "num_samples_per_class": config.samples_per_class, "seed": config.seed,
+            "rate_bandwidth": config.bandwidth}
+
+
+def analyze(config: AnalyzeConfig, model, schedule, problems, class_names, shape, desc: str):
+    """`analysis.analyze_model` of a network or a mixture with the options of `config`, with a
+    progress bar."""
+    import jax
+    from tqdm import tqdm
+
+    from jaxdiff_info.analysis import analyze_model
+
+    bar = tqdm(total=schedule.num_steps, unit="step", desc=desc, disable=not config.progress, file=sys.stderr)
+    try:
+        return analyze_model(
+            model, schedule, problems, samples_per_class=config.samples_per_class, key=jax.random.key(config.seed),
+            sampler=make_sampler(config), generation=config.generation, guidance=config.guidance,
+            class_names=class_names, batch_size=config.batch_size, bandwidth=config.bandwidth,
+            num_resamples=config.num_resamples, paths_per_class=config.paths_per_class,
+            num_snapshots=config.num_snapshots, progress=cli.with_checkpoint(bar.update), shape=shape)
+    finally:
+        bar.close()
 
 
 def choose_problems(texts, class_names, named) -> list:
@@ -224,13 +358,17 @@ def check_memory(config: AnalyzeConfig, net, num_params: int) -> None:
     cli.check_memory("--samples-per-class", config.samples_per_class, needed, minimum=2, alternative=batched)
 
 
-def write_outputs(out: Path, result, settings: dict) -> dict:
-    """summary.json, curves.npz and the figures of one analysis (`jaxdiff_info.analysis.Analysis`)."""
+def write_outputs(out: Path, result, settings: dict, extra: dict | None = None) -> dict:
+    """summary.json, curves.npz and the figures of one analysis (`jaxdiff_info.analysis.Analysis`);
+    extra: {prefix: Curves} also written to curves.npz (e.g. the references' curves)."""
     from jaxdiff_info import plots, results
 
     curves = {"online": result.curves}
+    if result.forward_mc is not None:  # a mixture: its exact state posterior, on the same paths and forward
+        curves["online_state"] = result.curves.exact_state
+        curves["forward_mc"] = result.forward_mc
     class_names = list(result.class_names)
-    summary = {**settings, "sampler": result.sampler, "class_names": class_names, "estimators": ["online"],
+    summary = {**settings, "sampler": result.sampler, "class_names": class_names, "estimators": list(curves),
                "methods": results.methods(curves),
                "problems": [results.problem_summary(i, curves) for i in range(len(result.curves.problems))]}
     if result.class_curves is not None:
@@ -252,14 +390,15 @@ def write_outputs(out: Path, result, settings: dict) -> dict:
               "snapshots/x_t": np.stack([s[1] for s in result.snapshots]),
               "snapshots/x0_hat": np.stack([s[2] for s in result.snapshots]),
               **results.curves_arrays(curves)}
+    for prefix, c in (extra or {}).items():
+        arrays.update({prefix + k: v for k, v in results.curves_arrays({"online": c}).items()})
     if result.class_curves is not None:
         arrays.update({f"classes/{k}": v for k, v in results.curves_arrays({"online": result.class_curves}).items()})
     results.write_npz(out / "curves.npz", arrays)
 
     num_train = settings.get("schedule", {}).get("train_steps", len(result.time))
     n = settings.get("num_samples_per_class")
-    title = (f"{settings.get('model_config', 'model')} on {settings.get('dataset', '?')}, step "
-             f"{settings.get('checkpoint_step', '?')}; {result.sampler}; {settings.get('generation', '')} generation, "
+    title = (f"{settings.get('model', 'model')}; {result.sampler}; {settings.get('generation', '')} generation, "
              f"{n} trajectories per class, {len(result.time)} steps")
     figures = {
         "entropy_rate.png": plots.curves_figure(curves, "entropy_rate", title),
