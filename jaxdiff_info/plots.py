@@ -191,13 +191,19 @@ def reference_overlay_figure(label: Mapping[str, Curves], classes: Mapping[str, 
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
     axes[0].set_ylabel("H(Y | X_t)  [bits]", fontsize=8)
-    axes[0].legend(fontsize=6, loc="lower right", title="shaded: 95% bootstrap bands; dotted: peak of the rate",
-                   title_fontsize=6)
     for ax in axes[-4:]:
         ax.set_xlabel("t/T  (generation: 1 -> 0)", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    note = "shaded: 95% bootstrap bands; dotted: peak of the rate"
+    if len(axes) % 4:  # into the empty panels of the last row
+        fig.tight_layout()
+        fig.legend(handles, labels, loc="lower right", bbox_to_anchor=(0.99, 0.04), fontsize=7, title=note,
+                   title_fontsize=7)
+    else:  # below the panels
+        fig.tight_layout(rect=(0, 0.1, 1, 1))
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7, title=note, title_fontsize=7)
     return fig
 
 

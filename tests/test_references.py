@@ -101,3 +101,24 @@ def test_analyze_model_takes_a_reference():
     assert np.all(gaps < 0.5 * np.median(pair.min(1))), (gaps, np.median(pair.min(1)))
     with pytest.raises(ValueError, match="shape"):
         analyze_model(mix, jdi.linear_schedule(50), samples_per_class=4, key=jax.random.key(0), shape=(8, 8, 3))
+
+
+def test_overlay_figure_names_every_model_and_marks_peaks():
+    from jaxdiff_info import plots
+    from jaxdiff_info.curves import class_curves
+
+    mix = jdi.make_mixture([-1.0, 0.0, 1.0], [0.3, 0.3, 0.3])
+    schedule = jdi.linear_schedule(50)
+    models = {name: jdi.online_curves(mix, None, schedule, samples_per_class=8, key=jax.random.key(i), num_resamples=5)
+              for i, name in enumerate(["network", "gaussian", "empirical"])}
+    per_class = {n: class_curves(c, c.names[0], ["a", "b", "c"], jax.random.key(9)) for n, c in models.items()}
+    fig = plots.reference_overlay_figure(models, per_class, 0, {"network": "net", "gaussian": "linear",
+                                                                 "empirical": "memorising"}, "title")
+    texts = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert texts == ["net", "linear", "memorising"]
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["class label, all trajectories"] + [
+        f"trajectories of class {n}" for n in "abc"]
+    peaks = [line.get_xdata()[0] for line in panels[1].lines if line.get_linestyle() == ":"]
+    np.testing.assert_allclose(peaks, [per_class[n].peak_time[0] for n in models])
+    plots.plt.close(fig)
