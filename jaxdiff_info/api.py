@@ -179,8 +179,8 @@ def online_curves(
         eps, params, shape = gmm.eps_fn(schedule, with_null=with_null), mix, (model.dim,)
         num_classes, log_prior = model.num_classes, model.class_log_weights
         if not unconditional:
-            state_log_posterior = lambda t, x: jax.vmap(gmm.log_posterior, (None, 0, None))(  # noqa: E731
-                mix, x, schedule.alpha_bar[t - 1])
+            state_log_posterior = lambda m, t, x: jax.vmap(gmm.log_posterior, (None, 0, None))(  # noqa: E731
+                m, x, schedule.alpha_bar[t - 1])
     elif isinstance(model, Network):
         eps, params, shape = model.eps, model.params, tuple(model.shape)
         num_classes, log_prior = model.num_classes, model.log_prior()

@@ -236,7 +236,8 @@ def online_block_sums(
     after_chunk(t, state): called with the state at x_t before the first chunk (t = T) and after
         every chunk (e.g. for snapshots; t = 0 is the generated sample).
     sharding: a jax.sharding.Sharding for the trajectory axis (data-parallel over devices).
-    state_log_posterior(t, x_t) -> (N, K): the exact log P(k | x_t) of the model (mixtures),
+    state_log_posterior(params, t, x_t) -> (N, K): the exact log P(k | x_t) of the model (mixtures:
+        params is the mixture, passed in as an argument of the compiled loop, not a constant),
         for a second readout of the same trajectories (OnlineRun.state_block_sums);
         conditional generation only.
     x_T_offset (*shape): added to every x_T ~ N(0, I) (a model tracked in shifted coordinates).
@@ -259,16 +260,16 @@ def online_block_sums(
     num_steps = tracker.schedule.num_steps
     prior_for_weights = jax.nn.log_softmax(jnp.asarray(log_prior)) if unconditional else None
 
-    def observe(t, x, log_post, log_ratio):
+    def observe(p, t, x, log_post, log_ratio):
         sums = block_entropy_sums(log_post, membership, blocks, prior_for_weights,
                                   log_ratio if unconditional else None)
         state_sums = None
         if state_log_posterior is not None:
-            state_sums = block_entropy_sums(state_log_posterior(t, x), membership, blocks)
+            state_sums = block_entropy_sums(state_log_posterior(p, t, x), membership, blocks)
         return sums, state_sums, (record(x, log_post) if record is not None else None)
 
     with_null = unconditional or tracker.guidance != 0.0
-    run = jax.jit(lambda p, s, c, ts: tracker.run(p, s, c, ts, observe, with_null))
+    run = jax.jit(lambda p, s, c, ts: tracker.run(p, s, c, ts, functools.partial(observe, p), with_null))
     init = jax.jit(lambda key, log_prior: tracker.init(key, classes.shape[0], shape, log_prior))
     state = init(key, jnp.asarray(log_prior))
     if x_T_offset is not None:
