@@ -62,7 +62,7 @@ def gaussian_reference(images, labels, num_classes: int, *, rank: int | None = N
     basis, spectrum, stds = np.zeros((num_classes, d, r)), np.zeros((num_classes, r)), np.zeros(num_classes)
     for c in range(num_classes):
         centred = x[labels == c] - means[c]
-        _, sing, vt = np.linalg.svd(centred, full_matrices=False)
+        sing, vt = _top_singular(centred, r, seed=c)
         var = sing**2 / centred.shape[0]  # the principal variances (at most n_c of them)
         total = float(np.sum(centred**2) / centred.shape[0])
         top = min(r, var.shape[0])
@@ -74,6 +74,25 @@ def gaussian_reference(images, labels, num_classes: int, *, rank: int | None = N
             q, _ = np.linalg.qr(np.concatenate([vt[:top].T, np.random.default_rng(c).normal(size=(d, r - top))], 1))
             basis[c, :, top:] = q[:, top:]
     return make_mixture(means, stds, counts, basis=basis, spectrum=spectrum)
+
+
+# below this many multiply-adds (n d min(n, d)) the SVD is exact; above, randomised
+EXACT_SVD_WORK = 2e9
+
+
+def _top_singular(a: np.ndarray, r: int, seed: int, oversample: int = 32, power: int = 4):
+    """The top r singular values and right singular vectors (r, d) of a (n, d): exact for
+    small a; else the randomised range finder with power iterations (Halko, Martinsson and
+    Tropp 2011), O(n d (r + oversample)) per pass instead of O(n d min(n, d))."""
+    n, d = a.shape
+    if n * d * min(n, d) <= EXACT_SVD_WORK or r + oversample >= min(n, d):
+        _, sing, vt = np.linalg.svd(a, full_matrices=False)
+        return sing[:r], vt[:r]
+    q = np.linalg.qr(a @ np.random.default_rng(seed).normal(size=(d, r + oversample)))[0]
+    for _ in range(power):
+        q = np.linalg.qr(a @ np.linalg.qr(a.T @ q)[0])[0]
+    _, sing, vt = np.linalg.svd(q.T @ a, full_matrices=False)
+    return sing[:r], vt[:r]
 
 
 def empirical_reference(images, labels, num_classes: int) -> GaussianMixture:
