@@ -126,8 +126,9 @@ def run(config: Config) -> dict:
         raise ValueError(f"--bandwidth must be a finite number >= 0, got {config.bandwidth}")
     if config.save_every < 0:
         raise ValueError(f"--save-every must be >= 0, got {config.save_every}")
-    if isinstance(config.num_samples, bool) or int(config.num_samples) != config.num_samples or config.num_samples < 1:
-        raise ValueError(f"the number of samples per class must be an integer >= 1, got {config.num_samples}")
+    if isinstance(config.num_samples, bool) or int(config.num_samples) != config.num_samples or config.num_samples < 2:
+        raise ValueError(f"the number of samples per class must be an integer >= 2 (the bootstrap intervals need two), "
+                         f"got {config.num_samples}")
     check_memory(config)
     with results.staged_outputs(config.out, summary_outputs(config), config.overwrite,
                                 replaces=OPTIONAL_OUTPUTS) as out:
@@ -138,7 +139,7 @@ def run(config: Config) -> dict:
                   num_blocks=config.num_blocks)
 
         curves: dict[str, jdi.Curves] = {}
-        bar = tqdm(total=2 * config.steps + (config.steps if mix.dim == 1 else 0), unit="step",
+        bar = tqdm(total=3 * config.steps + (config.steps if mix.dim == 1 else 0), unit="step",
                    desc="gmm", disable=not config.progress, file=sys.stderr)
         if mix.dim == 1:
             bar.set_postfix_str("exact (quadrature)")
@@ -164,6 +165,12 @@ def run(config: Config) -> dict:
         curves["online"] = online
         if online.exact_state is not None:  # the exact P(k | x_t) at the same x_t: the size of the path effect
             curves["online_state"] = online.exact_state
+
+        bar.set_postfix_str("I-MMSE (denoising errors)")
+        # a key of its own (folded, not split off, so the other estimators' draws stay as they were)
+        curves["immse"] = jdi.immse_curves(mix, problems, schedule, key=jax.random.fold_in(jax.random.key(config.seed), 3),
+                                           bootstrap_key=jax.random.fold_in(key_boot, 2), **mc)
+        bar.update(config.steps)
         bar.close()
         run = online.trajectories
         paths_x = run.path_x[..., 0]  # (T, M): the first coordinate of the recorded paths
@@ -195,6 +202,9 @@ def run(config: Config) -> dict:
             "mean_posterior": run.mean_posterior,
             "x_0": run.x_0, "x_0_classes": run.classes,
             **results.curves_arrays(curves),
+            **{f"{name}/{field}": getattr(c, field) for name, c in curves.items()
+               for field in ("class_information_bits", "class_information_bits_ci95")
+               if getattr(c, field) is not None},
         })
 
         if saved:
@@ -339,8 +349,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    if a.num_samples < 1:
-        p.error(f"--num-samples must be >= 1, got {a.num_samples}")
+    if a.num_samples < 2:
+        p.error(f"--num-samples must be >= 2 (the bootstrap intervals need two per class), got {a.num_samples}")
     fewest = min_steps(a.schedule)
     if a.steps < fewest:
         p.error(f"--steps must be >= {fewest} for the {a.schedule} schedule, got {a.steps}")

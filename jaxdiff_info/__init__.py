@@ -7,6 +7,7 @@ rate of change, whose peaks mark when each decision is made.
     import jaxdiff_info as jdi
     exact = jdi.exact_curves(mixture, problems, schedule)
     online = jdi.online_curves(mixture_or_network, problems, schedule, samples_per_class=..., key=...)
+    immse = jdi.immse_curves(mixture, problems, schedule, samples_per_class=..., key=...)  # I-MMSE
 
 The image-model analysis is `jaxdiff_info.analysis.analyze_model`; docs/method.md defines
 every quantity and names the function that computes it.
@@ -33,8 +34,8 @@ def _configure_xla_cpu() -> None:
 
 _configure_xla_cpu()
 
-from jaxdiff_info import curves, decisions, estimators, mixture, schedule, tracking  # noqa: E402
-from jaxdiff_info.api import Network, exact_curves, forward_mc_curves, online_curves  # noqa: E402
+from jaxdiff_info import curves, decisions, estimators, immse, mixture, schedule, tracking  # noqa: E402
+from jaxdiff_info.api import Network, exact_curves, forward_mc_curves, immse_curves, online_curves  # noqa: E402
 from jaxdiff_info.curves import Curves, ProblemCurves, entropy_rate, mutual_information_bits, peak_time  # noqa: E402
 from jaxdiff_info.decisions import DecisionProblem, class_label, make_problem, one_vs_rest  # noqa: E402
 from jaxdiff_info.mixture import GaussianMixture, make_mixture  # noqa: E402
@@ -43,11 +44,11 @@ from jaxdiff_info.tracking import Tracker  # noqa: E402
 
 __all__ = [
     # the research API: one call per estimator, each returning Curves
-    "exact_curves", "forward_mc_curves", "online_curves", "Network", "Curves", "ProblemCurves",
+    "exact_curves", "forward_mc_curves", "online_curves", "immse_curves", "Network", "Curves", "ProblemCurves",
     # the pieces they take
     "DecisionProblem", "make_problem", "class_label", "one_vs_rest", "GaussianMixture", "make_mixture",
     "Sampler", "Schedule", "cosine_schedule", "linear_schedule", "respace", "Tracker",
     "entropy_rate", "mutual_information_bits", "peak_time",
     # the modules
-    "curves", "decisions", "estimators", "mixture", "schedule", "tracking",
+    "curves", "decisions", "estimators", "immse", "mixture", "schedule", "tracking",
 ]

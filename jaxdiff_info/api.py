@@ -4,6 +4,7 @@
     fmc = jdi.forward_mc_curves(mixture, problems, schedule, samples_per_class=1000, key=k1)
     online = jdi.online_curves(mixture, problems, schedule, samples_per_class=1000, key=k2)
     online = jdi.online_curves(jdi.Network(eps, params, shape, num_classes), problems, schedule, ...)
+    immse = jdi.immse_curves(mixture, problems, schedule, samples_per_class=1000, key=k3)  # I-MMSE
 
 `problems` is a plain list of `DecisionProblem`s (None: the class label). The membership,
 class weights and prior entropies are derived here, once (`decisions.problem_arrays`).
@@ -13,15 +14,16 @@ docs/method.md defines every quantity and says which function computes it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff_info import estimators
+from jaxdiff_info import estimators, immse
 from jaxdiff_info import mixture as gmm
-from jaxdiff_info.curves import Curves, curves_from_blocks, curves_from_profiles
+from jaxdiff_info.curves import Curves, bootstrap_class_entropy, curves_from_blocks, curves_from_profiles
 from jaxdiff_info.decisions import DecisionProblem, ProblemArrays, problem_arrays
 from jaxdiff_info.schedule import Sampler, Schedule, reverse_std
 from jaxdiff_info.tracking import EpsFn, Tracker
@@ -31,6 +33,7 @@ GENERATIONS = ("conditional", "unconditional")
 
 # What an estimator's posterior is (docs/method.md, "path posterior and state posterior")
 STATE_EXACT_POSTERIOR = "state (exact posterior)"
+STATE_EXACT_DENOISERS = "state (exact denoisers)"  # I-MMSE: the state quantity, from E[x_0 | x_t, c]
 STATE_EXACT_KERNEL = "state (exact kernel)"
 STATE_DDPM = "state (DDPM approximation)"
 PATH = "path"
@@ -157,9 +160,11 @@ def online_curves(
     path_posterior=True. Unconditional generation with guidance is refused: its kernels mix.
     For a mixture, `exact_state` holds the curves of the exact P(k | x_t) at the same
     trajectories (conditional generation, unless state_readout=False), so the size of the
-    path effect shows. A mixture is tracked in coordinates centred on its mean (the same
-    process, x_T ~ N(0, I) included; results are moved back), and refused where float32
-    cannot resolve the reverse steps.
+    path effect shows. Conditional generation also gives the information per class,
+    class_information_bits (K, T): D_k(t) = E_k[log2 P(k | x_t) - log2 pi_k] along the
+    trajectories of class k, with its band (class_information_bits_ci95). A mixture is
+    tracked in coordinates centred on its mean (the same process, x_T ~ N(0, I) included;
+    results are moved back), and refused where float32 cannot resolve the reverse steps.
 
     Advanced: batch_size (trajectories per network call: bounds memory, same numbers);
     chunk (steps per compiled call), progress(steps_done), after_chunk(t, TrackState) (at
@@ -207,9 +212,13 @@ def online_curves(
             return x
         return x + jnp.asarray((np.sqrt(alpha_bar[t - 1]) if t > 0 else 1.0) * shift, jnp.float32)
 
+    own = None if unconditional else jnp.asarray(generating)
+
     def record(x, log_post):
         mean_post = blocks.sums(jnp.exp(log_post)).sum(axis=1) / blocks.per_class  # (C, K)
-        return log_post[path_index], mean_post, (x[path_index] if record_x else None)
+        # (K, B) block sums of log P(k | x_t) at the generating class: D_k = E_k[...] - log pi_k
+        own_sums = None if own is None else blocks.sums(jnp.take_along_axis(log_post, own[:, None], axis=1)[:, 0])
+        return log_post[path_index], mean_post, (x[path_index] if record_x else None), own_sums
 
     def chunk_done(t, state):
         after_chunk(t, dataclasses.replace(state, x=moved_back(state.x, t)))
@@ -219,7 +228,7 @@ def online_curves(
         progress=progress, unconditional=unconditional, after_chunk=chunk_done if after_chunk else None,
         sharding=sharding, state_log_posterior=state_log_posterior if state_readout else None,
         x_T_offset=None if shift is None else -np.sqrt(alpha_bar[-1]) * shift)
-    path_log_post, mean_post, path_x = run.paths
+    path_log_post, mean_post, path_x, own_sums = run.paths
     if path_x is not None and shift is not None:
         path_x = path_x + (np.sqrt(alpha_bar)[:, None, None] * shift).astype(np.float32)
     trajectories = estimators.OnlineRun(
@@ -243,7 +252,71 @@ def online_curves(
             method=f"exact state posterior P(k | x_t) of the mixture at the x_t of the online trajectories "
                    f"({kernel})")
         exact_state = dataclasses.replace(exact_state, posterior=STATE_EXACT_POSTERIOR)
-    return dataclasses.replace(curves, trajectories=trajectories, posterior=posterior, exact_state=exact_state)
+    information = (None, None)
+    if own_sums is not None:  # D_k(t) = E_k[log P(k | x_t)] - log pi_k, in bits
+        log_pi = np.asarray(log_prior, np.float64)
+        gain = (np.asarray(own_sums, np.float64) - log_pi[None, :, None] * blocks.counts[None]) / math.log(2.0)
+        information = class_information(jax.random.fold_in(boot_key, 1), gain, blocks.counts, num_resamples)
+    return dataclasses.replace(curves, trajectories=trajectories, posterior=posterior, exact_state=exact_state,
+                               class_information_bits=information[0], class_information_bits_ci95=information[1])
+
+
+def class_information(key: jax.Array, block_sums: np.ndarray, block_counts: np.ndarray,
+                      num_resamples: int) -> tuple[np.ndarray, np.ndarray]:
+    """(K, T) the per-class means of per-sample values (D_k(t) in bits) from (T, K, B) block sums
+    and (K, B) counts, and (K, T, 2) their 95% bootstrap band (blocks resampled per class, as
+    for the curves: `curves.bootstrap_class_entropy`)."""
+    sums = jnp.asarray(block_sums, jnp.float32)[..., None]
+    counts = jnp.asarray(block_counts)
+    mean = np.asarray(sums.sum(axis=2)[..., 0] / jnp.maximum(counts.sum(axis=1), 1)).T
+    boot = bootstrap_class_entropy(key, sums, counts, num_resamples)[..., 0]  # (R, T, K)
+    band = np.asarray(jnp.percentile(boot, jnp.array([2.5, 97.5]), axis=0))  # (2, T, K)
+    return mean, np.transpose(band, (2, 1, 0))
+
+
+# --- 4. I-MMSE -----------------------------------------------------------------------------------
+
+def immse_curves(mixture: gmm.GaussianMixture, problems: Sequence[DecisionProblem] | None, schedule: Schedule, *,
+                 samples_per_class: int, key: jax.Array, bandwidth: float = 0.01, num_resamples: int = 200,
+                 num_blocks: int = 32, bootstrap_key: jax.Array | None = None, common_noise: bool = False) -> Curves:
+    """H(Z | X_t) of a mixture (any d) from denoising errors (I-MMSE): H(Z) minus the integral
+    over gamma = abar / (1 - abar) of 1/2 E||E[x_0 | x_t, z] - E[x_0 | x_t]||^2 (nats), with the
+    mixture's exact class denoisers, for samples_per_class draws x_t ~ q(x_t | k) of every class
+    at every step (independent from step to step; common_noise: one x_0 and one noise per
+    sample at every t, x_t = sqrt(abar) x_0 + sqrt(1 - abar) z, a smoother but far noisier
+    curve); trapezoid rule in log-SNR over the steps, from gamma = 0. 95% bootstrap intervals
+    over blocks of samples; bandwidth smooths the rate in t/T. bootstrap_key: the intervals'
+    key (default: derived from `key`).
+
+    Per-class profiles (class_entropy_bits): H(Z) minus class k's share E_k[J] of its group's
+    KL, whose weighted sum is H(Z | X_t) (docs/method.md). class_information_bits (K, T):
+    D_k(t) = KL(p(x_t | k) || p(x_t)) in bits, with its band class_information_bits_ci95."""
+    if not isinstance(mixture, gmm.GaussianMixture):
+        raise ValueError(f"the I-MMSE estimator needs a GaussianMixture (its exact denoisers E[x_0 | x_t, c]), "
+                         f"got {type(mixture).__name__}")
+    if isinstance(samples_per_class, bool) or int(samples_per_class) != samples_per_class or samples_per_class < 2:
+        raise ValueError(f"the I-MMSE estimator needs an integer >= 2 samples per class (its bootstrap intervals "
+                         f"need two), got {samples_per_class}")
+    arrays = _mixture_problems(mixture, problems)
+    _check_bandwidth(bandwidth)
+    blocks = estimators.make_blocks(mixture.num_classes, samples_per_class, num_blocks)
+    run = immse.information_block_sums(gmm.centred(mixture)[0], schedule, arrays.membership, blocks, key,
+                                       common_noise=common_noise)
+    counts = blocks.counts.astype(np.float64)
+    profile_sums = (arrays.prior_entropy_bits[None, None, None, :] * counts[None, :, :, None]
+                    - np.asarray(run.problem_sums, np.float64) / math.log(2.0))
+    boot_key = jax.random.fold_in(key, 7) if bootstrap_key is None else bootstrap_key
+    draws = ("x_0 ~ p(x_0 | k) and one noise per sample, the same at every t (common random numbers)" if common_noise
+             else "x_t ~ q(x_t | k) at each t independently")
+    curves = curves_from_blocks(
+        boot_key, _time(schedule), profile_sums.astype(np.float32), blocks.counts, arrays, bandwidth=bandwidth,
+        num_resamples=num_resamples, estimator="immse",
+        method="I-MMSE: H(Z) - int_0^gamma_t 1/2 E||E[x_0 | x_t, z] - E[x_0 | x_t]||^2 d gamma with the mixture's "
+               f"exact denoisers; {draws}; trapezoid rule in log-SNR over the steps, from gamma = 0")
+    information = class_information(jax.random.fold_in(boot_key, 1), np.asarray(run.label_sums) / math.log(2.0),
+                                    blocks.counts, num_resamples)
+    return dataclasses.replace(curves, posterior=STATE_EXACT_DENOISERS, class_information_bits=information[0],
+                               class_information_bits_ci95=information[1])
 
 
 def generating_classes(num_classes: int, samples_per_class: int, generation: str) -> np.ndarray:

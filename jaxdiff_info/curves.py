@@ -203,12 +203,14 @@ class Curves:
 
     Arrays are indexed by problem first: P problems, T steps (t/T ascending), K classes.
 
-    estimator:          "exact", "forward_mc" or "online"
+    estimator:          "exact", "forward_mc", "online", "online_state" or "immse"
     method:             one line saying what was estimated and how (which posterior, which kernel)
     problems:           the P DecisionProblems, in order; prior_entropy_bits (P,) H(Z)
     time:               (T,) normalised time t/T of each step
     class_entropy_bits: (P, K, T) per-class profiles H_k(t) = E[h(P(z | x_t)) | class k]
-                        ((P, 1, T) for unconditional generation: one population)
+                        ((P, 1, T) for unconditional generation: one population; I-MMSE:
+                        H(Z) minus class k's share of its group's information, the same
+                        weighted sum H(Z | X_t), docs/method.md)
     entropy_bits:       (P, T) H(Z | X_t) in bits
     entropy_rate:       (P, T) dH/d(t/T) in bits per unit of t/T (smoothed with rate_bandwidth)
     peak_time:          (P,) t/T of the largest rate
@@ -223,10 +225,17 @@ class Curves:
     resampling:         the block sums (T, K, B, P) and block counts (K, B) the intervals were
                         drawn from, and the bootstrap key (Monte Carlo estimators)
     posterior:          which posterior the entropies are of: "state (exact posterior)",
-                        "state (exact kernel)", "state (DDPM approximation)" or "path"
+                        "state (exact denoisers)", "state (exact kernel)",
+                        "state (DDPM approximation)" or "path"
                         (docs/method.md, "path posterior and state posterior")
     exact_state:        online estimator on a mixture: the Curves of the exact state posterior
                         P(k | x_t) at the same trajectories (estimator "online_state")
+    class_information_bits: (K, T) D_k(t) = KL(p(x_t | k) || p(x_t)) in bits, the information
+                        about the class label that x_t of class k holds (sum_k pi_k D_k =
+                        I(Y; X_t)); the I-MMSE estimator, and the online one as
+                        E_k[log2 P(k | x_t) - log2 pi_k] along trajectories of class k
+                        (conditional generation); None otherwise. class_information_bits_ci95
+                        (K, T, 2): its 95% bootstrap band
 
     ``curves["6 vs 8"]`` gives one problem's curves (`ProblemCurves`).
     """
@@ -250,6 +259,8 @@ class Curves:
     resampling: Any = None
     posterior: str = ""
     exact_state: Any = None
+    class_information_bits: np.ndarray | None = None
+    class_information_bits_ci95: np.ndarray | None = None
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ STYLE = {
     "forward_mc": dict(color="tab:blue", lw=1.2, ls="--", label="forward Monte Carlo"),
     "online": dict(color="tab:red", lw=1.2, ls="-", label="online classifier"),
     "online_state": dict(color="tab:orange", lw=1.0, ls=":", label="exact P(k | x_t) on the online paths"),
+    "immse": dict(color="tab:green", lw=1.2, ls="-.", label="I-MMSE (denoising errors)"),
 }
 
 

@@ -33,12 +33,12 @@ def test_writes_every_output_with_the_documented_schema(default_run):
         assert p["groups"] == gmm.PAPER_SPEC["decisions"][p["name"]]
         assert len(p["time"]) == 100 and p["time"][0] == pytest.approx(0.01) and p["time"][-1] == pytest.approx(1.0)
         for field in ("entropy_bits", "entropy_rate", "peak_time", "half_time"):
-            assert set(p[field]) == {"exact", "forward_mc", "online", "online_state"}
-        for est in ("exact", "forward_mc", "online", "online_state"):
+            assert set(p[field]) == {"exact", "forward_mc", "online", "online_state", "immse"}
+        for est in ("exact", "forward_mc", "online", "online_state", "immse"):
             assert len(p["entropy_bits"][est]) == 100 and np.all(np.isfinite(p["entropy_rate"][est]))
             assert 0 < p["peak_time"][est] <= 1
             assert 0 < p["half_time"][est] <= 1
-        for est in ("forward_mc", "online"):
+        for est in ("forward_mc", "online", "immse"):
             lo, hi = p["peak_time_ci95"][est]
             assert lo <= hi
             lo, hi = p["half_time_ci95"][est]
@@ -47,13 +47,22 @@ def test_writes_every_output_with_the_documented_schema(default_run):
         assert p["entropy_bits"]["online"][-1] == pytest.approx(p["prior_entropy_bits"], abs=1e-5)
     # which posterior each estimator's curves are, and how: the path effect is visible in every run
     assert summary["posterior"] == {"exact": "state (exact posterior)", "forward_mc": "state (exact posterior)",
-                                    "online": "state (exact kernel)", "online_state": "state (exact posterior)"}
+                                    "online": "state (exact kernel)", "online_state": "state (exact posterior)",
+                                    "immse": "state (exact denoisers)"}
+    assert "denoisers" in summary["methods"]["immse"]
     assert "beta~_t" in summary["methods"]["online"] and "online trajectories" in summary["methods"]["online_state"]
     arrays = np.load(default_run / "curves.npz")
     assert arrays["online/entropy_bits"].shape == (8, 100)  # the layout of Curves: problem first
     assert arrays["online/class_entropy_bits"].shape == (8, 4, 100)
     assert arrays["mean_posterior"].shape == (100, 4, 4)
     np.testing.assert_allclose(arrays["mean_posterior"].sum(-1), 1.0, atol=1e-5)
+    # D_k(t) = KL(p(x_t | k) || p(x_t)) per class, from I-MMSE and from the online classifier
+    for est in ("immse", "online"):
+        assert arrays[f"{est}/class_information_bits"].shape == (4, 100)
+        assert arrays[f"{est}/class_information_bits_ci95"].shape == (4, 100, 2)
+    # the I-MMSE curves agree with quadrature (to the Monte Carlo error of 64 samples per class)
+    for p in summary["problems"]:
+        assert np.abs(np.subtract(p["entropy_bits"]["immse"], p["entropy_bits"]["exact"])).max() < 0.15
 
 
 def test_refuses_to_overwrite(default_run, capsys):
@@ -70,7 +79,7 @@ def test_d_dimensional_spec_skips_quadrature(tmp_path):
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     assert gmm.main(FAST + ["--spec", str(tmp_path / "spec.json"), "--out", str(tmp_path / "o")]) == 0
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
-    assert summary["estimators"] == ["forward_mc", "online", "online_state"]  # no quadrature in d > 1
+    assert summary["estimators"] == ["forward_mc", "online", "online_state", "immse"]  # no quadrature in d > 1
     assert [p["name"] for p in summary["problems"]] == ["y", "0 vs 1"]
     assert summary["problems"][0]["prior_entropy_bits"] == pytest.approx(1.5)
 
@@ -138,7 +147,8 @@ def test_bad_spec_is_one_line_and_exit_2(tmp_path, capsys, spec, message):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--num-samples", "0"], "--num-samples must be >= 1"),
+    (["--num-samples", "0"], "--num-samples must be >= 2"),
+    (["--num-samples", "1"], "--num-samples must be >= 2"),
     (["--steps", "1"], "--steps must be >= 2"),
     (["--spec", "/nonexistent/spec.json"], "cannot read spec"),
     (["--schedule", "quadratic"], "invalid choice"),
@@ -202,7 +212,7 @@ def test_a_run_too_large_for_memory_is_refused_at_once(tmp_path, capsys, monkeyp
     def computed(*args, **kwargs):
         raise AssertionError("the computation started")
 
-    for name in ("exact_curves", "forward_mc_curves", "online_curves"):
+    for name in ("exact_curves", "forward_mc_curves", "online_curves", "immse_curves"):
         monkeypatch.setattr(jaxdiff_info, name, computed)
     start = time.perf_counter()
     assert gmm.main(FAST + ["--num-samples", "1000000000", "--out", str(tmp_path / "o")]) == 2
@@ -252,3 +262,5 @@ def test_full_covariances_and_classes_of_components_run(tmp_path):
     p = summary["problems"][0]
     gap = np.abs(np.subtract(p["entropy_bits"]["online"], p["entropy_bits"]["forward_mc"])).max()
     assert gap < 0.15 and p["entropy_bits"]["online"][-1] == pytest.approx(p["prior_entropy_bits"], abs=1e-5)
+    # I-MMSE with the denoisers of classes made of full-covariance components
+    assert np.abs(np.subtract(p["entropy_bits"]["immse"], p["entropy_bits"]["forward_mc"])).max() < 0.15

@@ -19,8 +19,9 @@ ALLOWED = {
     # the tracker and the estimators on it
     "tracking": {"schedule"},
     "estimators": CORE | {"tracking"},
+    "immse": CORE | {"estimators"},
     # the research API on those, the image analysis on the API
-    "api": CORE | {"tracking", "estimators"},
+    "api": CORE | {"tracking", "estimators", "immse"},
     "analysis": CORE | {"tracking", "api"},
     # exact reference models of a dataset: mixtures
     "references": {"mixture"},
