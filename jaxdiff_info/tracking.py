@@ -16,6 +16,14 @@ Sampling, tracking and per-step statistics run in one `lax.scan`; `observe` is a
 function of (t, x_t, log P(k | x_t, ...), log_ratio) for the whole batch whose outputs are
 stacked over steps.
 
+When every class eps is affine in x_t with a scalar gain, eps_k(x) = g_k (x - c_k) (a mixture
+whose classes are single isotropic components or points: `mixture.eps_fn(...).affine_classes`),
+and the reverse mean is affine in eps, mu(x, e) = A x + B e (every sampler without clip_x0),
+every class mean is a common part plus a per-class scalar times x plus a per-class scalar times
+c_k. The squared distances ||x_{t-1} - mu_k||^2, less their common part, then come from norms
+and the dot products x_{t-1}.c_k, x_t.c_k (matrix products over the batch): O(N K d) flops,
+no (N, K, d) array (`Tracker.step_with_ratio`).
+
 The formulas: docs/method.md, "Estimator 3: the online Bayesian classifier" and "What
 the online estimator estimates: path posterior and state posterior".
 """
@@ -30,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff_info.schedule import Sampler, Schedule, reverse_mean, reverse_std, reverse_step
+
+HIGHEST = jax.lax.Precision.HIGHEST
 
 EpsFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 Observe = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], Any]
@@ -56,7 +66,10 @@ class Tracker:
 
     eps_fn:      per-example eps(params, x_t, t, k), k = num_classes is the null class; if it
                  has an attribute all_classes(params, x_t, t, with_null) -> (K [+ 1], *shape),
-                 that gives every class's eps at once (`mixture.eps_fn` has one)
+                 that gives every class's eps at once (`mixture.eps_fn` has one); if it has
+                 affine_classes(params, t) -> (g (K,), centres (K, *shape)) with
+                 eps_k(x_t) = g_k (x_t - centres_k), or None, the class log-likelihoods are
+                 taken in matrix form (`step_with_ratio`; not with clip_x0)
     schedule:    the sampling schedule (respaced or not); eps gets schedule.timesteps
     sampler:     the reverse step taken (and so the kernel the classifier uses)
     num_classes: K
@@ -107,7 +120,13 @@ class Tracker:
 
     def step_with_ratio(self, params, t, x, log_w, c, z, with_null: bool):
         """`step_one`, and the step's increment of TrackState.log_ratio (0 without the null
-        class): log sum_k P(k | path) N(x_{t-1}; mu_k, sigma^2) - log N(x_{t-1}; mu_null, sigma^2)."""
+        class): log sum_k P(k | path) N(x_{t-1}; mu_k, sigma^2) - log N(x_{t-1}; mu_null, sigma^2).
+
+        Every class's eps is formed and stepped with (`all_classes` of the eps function, or a
+        vmap over k), except where `affine_classes` applies (`affine_step`)."""
+        affine = self.affine_classes(params, t)
+        if affine is not None:
+            return self.affine_step(params, t, x, log_w, c, z, with_null, affine)
         K = self.num_classes
         s = self.schedule
         all_classes = getattr(self.eps_fn, "all_classes", None)
@@ -136,6 +155,72 @@ class Tracker:
         ratio = jax.nn.logsumexp(joint) - log_lik[K] if with_null else jnp.zeros((), log_w.dtype)
         return x_prev, jnp.where(update, log_w_prev, log_w), jnp.where(update, ratio, 0.0)
 
+    def affine_classes(self, params, t):
+        """(g (K,), centres (K, *shape)) with eps_k(x_t) = g_k (x_t - centres_k) at step t, when
+        the eps function declares that form (`affine_classes`) and the reverse mean is affine in
+        eps (no clip_x0); else None, and the step forms every class's eps."""
+        affine = getattr(self.eps_fn, "affine_classes", None)
+        if affine is None or self.sampler.clip_x0 is not None:
+            return None
+        return affine(params, self.schedule.timesteps[t - 1])
+
+    def affine_step(self, params, t, x, log_w, c, z, with_null: bool, affine):
+        """`step_with_ratio` for class eps eps_k(x) = g_k (x - c_k) (`affine_classes`), in
+        matrix form: no (K, *shape) array per trajectory.
+
+        The trajectory moves with its own class's eps (or the null's, c = K), as in the general
+        step. The reverse mean is affine in eps, mu(x, e) = A x + B e (A, B: `reverse_mean` at
+        (1, 0) and (0, 1)), so with guidance w and n = eps_null every class mean is
+
+            mu_k = u + G_k (x - c_k),   u = A x - B w n,   G_k = (1 + w) B g_k.
+
+        Take G0 = the midrange of G_k (every G_k when the components share their variance),
+        r = x_{t-1} - u - G0 x and e_k = (G_k - G0) x - G_k c_k, so x_{t-1} - mu_k = r - e_k and
+
+            ||x_{t-1} - mu_k||^2 - ||r||^2 = -2 r.e_k + ||e_k||^2
+                = dG_k (dG_k ||x||^2 - 2 r.x) + 2 G_k (r.c_k - dG_k x.c_k) + G_k^2 ||c_k||^2,
+
+        dG_k = G_k - G0. ||r||^2 is common to all classes and never formed; what is formed is
+        small where classes are close (e_k -> 0), so float32 does not cancel (centre a mixture
+        first). Over the batch r.c_k and x.c_k are (N, d) x (d, K) matrix products. The null
+        kernel's term for the ratio is the same with e_null = (1 + w) B n - G0 x."""
+        K = self.num_classes
+        s = self.schedule
+        timestep = s.timesteps[t - 1]
+        gain, centres = affine
+        flat = lambda a: a.reshape(*a.shape[: a.ndim - x.ndim], -1)  # noqa: E731  (..., *shape) -> (..., d)
+        w = self.guidance if with_null else 0.0
+        own = gain[jnp.clip(c, 0, K - 1)] * (x - centres[jnp.clip(c, 0, K - 1)])
+        if with_null:
+            eps_null = self.eps_fn(params, x, timestep, K)
+            own = jnp.where(c < K, guided(own, eps_null, self.guidance), eps_null)
+        sigma = reverse_std(s, t, self.sampler)
+        x_prev = reverse_mean(s, t, x, own, self.sampler) + sigma * z
+        one, zero = jnp.ones((), x.dtype), jnp.zeros((), x.dtype)
+        A, B = reverse_mean(s, t, one, zero, self.sampler), reverse_mean(s, t, zero, one, self.sampler)
+        G = (1.0 + w) * B * gain  # (K,)
+        G0 = 0.5 * (jnp.max(G) + jnp.min(G))
+        dG = G - G0
+        r = x_prev - (A + G0) * x
+        if with_null:
+            r = r + B * w * eps_null
+        xf, rf, cf = flat(x), flat(r), flat(centres)
+        rc = jnp.matmul(cf, rf, precision=HIGHEST)  # (K,)
+        xc = jnp.matmul(cf, xf, precision=HIGHEST)
+        sq = (dG * (dG * jnp.sum(xf * xf) - 2.0 * jnp.sum(rf * xf)) + 2.0 * G * (rc - dG * xc)
+              + G**2 * jnp.sum(cf * cf, axis=-1))
+        update = t > 1
+        var = jnp.where(update, sigma**2, 1.0)
+        joint = log_w - 0.5 * sq / var
+        log_w_prev = jax.nn.log_softmax(joint)
+        if with_null:
+            e_null = flat((1.0 + w) * B * eps_null - G0 * x)
+            sq_null = jnp.sum(e_null * e_null) - 2.0 * jnp.sum(rf * e_null)
+            ratio = jax.nn.logsumexp(joint) + 0.5 * sq_null / var
+        else:
+            ratio = jnp.zeros((), log_w.dtype)
+        return x_prev, jnp.where(update, log_w_prev, log_w), jnp.where(update, ratio, 0.0)
+
     # --- the batch, a run of steps -----------------------------------------------------
 
     def init(self, key: jax.Array, num: int, shape: tuple[int, ...], log_prior: jax.Array) -> TrackState:
@@ -152,6 +237,11 @@ class Tracker:
         classes: (N,) generating class of every trajectory (K = unconditional).
         Returns the new state and observe(t, x_t, log P(k | x_t), log_ratio) stacked over ts
         (taken at x_t, before the step from t).
+
+        The noise of the step from t is normal(fold_in(state.key, t), x.shape), drawn with the
+        key's own implementation: a key from jax.random.key(seed, impl="threefry4x32") draws
+        it faster on CPUs than the default threefry2x32 (other numbers, the same law;
+        benchmarks/README.md).
         """
         if state.log_ratio is None:
             state = dataclasses.replace(state, log_ratio=jnp.zeros(state.x.shape[:1], state.x.dtype))
@@ -160,18 +250,19 @@ class Tracker:
             one = lambda a: self.step_with_ratio(params, t, a[0], a[1], a[2], a[3], with_null)  # noqa: E731
             return jax.lax.map(one, (x, log_w, classes, z), batch_size=self.batch_size or x.shape[0])
 
+        def advance(t, state: TrackState) -> TrackState:
+            z = jax.random.normal(jax.random.fold_in(state.key, t), state.x.shape)
+            x, log_w, ratio = step(t, state.x, state.log_posterior, z)
+            return TrackState(x, log_w, state.key, state.log_ratio + ratio)
+
         def body(state: TrackState, t):
             out = None
             if observe is not None:
                 out = observe(t, state.x, state.log_posterior, state.log_ratio)
-            z = jax.random.normal(jax.random.fold_in(state.key, t), state.x.shape)
-            x, log_w, ratio = step(jnp.maximum(t, 1), state.x, state.log_posterior, z)
-            valid = t > 0
-            new = TrackState(
-                jnp.where(valid, x, state.x), jnp.where(valid, log_w, state.log_posterior), state.key,
-                jnp.where(valid, state.log_ratio + ratio, state.log_ratio),
-            )
-            return new, out
+            # a padding step (t = 0) draws nothing and leaves the state as it is; as a branch of
+            # its own the step also has XLA draw the noise once rather than re-hash it in each
+            # of its consumers (benchmarks/README.md)
+            return jax.lax.cond(t > 0, lambda s: advance(jnp.maximum(t, 1), s), lambda s: s, state), out
 
         return jax.lax.scan(body, state, ts)
 

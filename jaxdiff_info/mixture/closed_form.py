@@ -84,6 +84,13 @@ def component_log_joint(mixture: GaussianMixture, x: jax.Array, alpha_bar: jax.A
     return mixture.log_weights + log_prob_given_component(mixture, x, alpha_bar)
 
 
+def isotropic_eps_gains(mixture: GaussianMixture, alpha_bar: jax.Array) -> jax.Array:
+    """(K,) g_k with eps(x_t | k) = g_k (x_t - sqrt(abar) m_k) for isotropic components and
+    points (no basis): g_k = sqrt(1 - abar) / v_k, v_k = abar s_k^2 + 1 - abar."""
+    v, _ = _variances(mixture, alpha_bar)
+    return jnp.sqrt(1.0 - alpha_bar) / v
+
+
 def _within_class(mixture: GaussianMixture, joint):
     """(C,) log p(x_t, c) and (C, L) P(k | x_t, c) in the padded class layout."""
     index, valid = class_layout(mixture)

@@ -2,25 +2,46 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff_info.mixture.closed_form import class_eps
+from jaxdiff_info.mixture.closed_form import class_eps, isotropic_eps_gains
 from jaxdiff_info.mixture.model import GaussianMixture
 from jaxdiff_info.schedule import Schedule
+
+
+def _component(mixture: GaussianMixture, k: jax.Array) -> GaussianMixture:
+    """Component k alone, a mixture of one (its eps is the class eps of k when classes are single components)."""
+    one = lambda a: None if a is None else a[k][None]  # noqa: E731
+    return GaussianMixture(one(mixture.means), one(mixture.stds), jnp.zeros((1,), mixture.log_weights.dtype),
+                           one(mixture.basis), one(mixture.spectrum), None)
+
+
+def _one_class(mixture: GaussianMixture) -> GaussianMixture:
+    """The same components as one class: its class eps is the unconditional eps, O(K d r)."""
+    return dataclasses.replace(mixture, class_sizes=(mixture.num_components,))
 
 
 def eps_fn(schedule: Schedule, with_null: bool = True):
     """The mixture as a class-conditional eps-predictor eps(mixture, x_t, t, k), the same
     interface as a network eps(params, x_t, t, k): t is a model timestep of `schedule`
     (`Schedule.timesteps`, so a respaced schedule works too), k = C is the unconditional
-    prediction.
+    prediction. When every class is a single component, eps of one k costs O(d r) for a
+    class and O(K d r) for the null class: no (K, d) rows per point.
 
-    The function also has `all_classes(mixture, x_t, t, with_null)`: (C [+ 1], d), every
-    class's eps at once (the component posterior is formed once, not once per class), which
-    the online classifier uses; and `check_schedule(sampling)`, which refuses a sampling
-    schedule with steps this eps was not built for.
+    The function also has
+      `all_classes(mixture, x_t, t, with_null)`: (C [+ 1], d), every class's eps at once (the
+          component posterior is formed once, not once per class);
+      `affine_classes(mixture, t)`: (g (C,), centres (C, d)) with eps(x_t, t, c) =
+          g_c (x_t - centres_c) for every class c and every x_t, when every class is a single
+          isotropic component or point (g_c = sqrt(1 - abar) / v_c, centres_c =
+          sqrt(abar) m_c); None for other mixtures. The online classifier then takes its
+          class log-likelihoods in matrix form (`tracking.Tracker`);
+      `check_schedule(sampling)`, which refuses a sampling schedule with steps this eps was
+          not built for.
 
     with_null=False: class-conditional predictions only (k = C returns NaN, loud not wrong).
     """
@@ -34,10 +55,22 @@ def eps_fn(schedule: Schedule, with_null: bool = True):
         rows = class_eps(mixture, x_t, alpha_bar_of(t))
         return rows if null else rows[:-1]
 
+    def affine_classes(mixture: GaussianMixture, t: jax.Array):
+        if not (mixture.singleton_classes and mixture.basis is None):
+            return None
+        alpha_bar = alpha_bar_of(t)
+        return isotropic_eps_gains(mixture, alpha_bar), jnp.sqrt(alpha_bar) * mixture.means
+
     def mixture_eps(mixture: GaussianMixture, x_t: jax.Array, t: jax.Array, k: jax.Array) -> jax.Array:
-        rows = class_eps(mixture, x_t, alpha_bar_of(t))
-        e = rows[jnp.clip(k, 0, mixture.num_classes)]
-        return e if with_null else jnp.where(k < mixture.num_classes, e, jnp.nan)
+        C = mixture.num_classes
+        alpha_bar = alpha_bar_of(t)
+        if mixture.singleton_classes:  # class k is component k: its row alone, and the null row if asked for
+            row = class_eps(_component(mixture, jnp.clip(k, 0, C - 1)), x_t, alpha_bar)[0]
+            null = class_eps(_one_class(mixture), x_t, alpha_bar)[0] if with_null else jnp.nan
+            return jnp.where(k < C, row, null)
+        rows = class_eps(mixture, x_t, alpha_bar)
+        e = rows[jnp.clip(k, 0, C)]
+        return e if with_null else jnp.where(k < C, e, jnp.nan)
 
     def check_schedule(sampling: Schedule) -> None:
         """Refuse a sampling schedule whose steps this eps was not built for."""
@@ -50,5 +83,6 @@ def eps_fn(schedule: Schedule, with_null: bool = True):
                     f"the schedule that one was respaced from")
 
     mixture_eps.all_classes = all_classes
+    mixture_eps.affine_classes = affine_classes
     mixture_eps.check_schedule = check_schedule
     return mixture_eps
