@@ -1,18 +1,22 @@
 """Online tracking loop: JAX (`Tracker`, one compiled `lax.scan`) against a plain NumPy loop.
 
-    python -m benchmarks.tracking                 # the full benchmark (~30-36 min on a busy 2-core box)
-    python benchmarks/tracking.py --quick         # a smoke run (~1 min)
-    python -m benchmarks.tracking --breakdown     # what the JAX step spends its time on (~10 min)
+    python -m benchmarks.tracking --repeats 5     # the target run (~10 min on an idle 2-core box)
+    python benchmarks/tracking.py --quick         # a smoke run (~30 s)
+    python -m benchmarks.tracking --breakdown     # what the JAX step spends its time on (~4 min)
     python -m benchmarks.tracking --experiment-phases   # where python -m experiments.gmm spends its time
 
-For every N (trajectories in total), d and K, on a Gaussian mixture with isotropic components:
+For every N (trajectories in total), d and K, on a Gaussian mixture with isotropic components
+(default N = 1e5, K = 4, d = 1 and d = 64):
 
 (a) JAX: `Tracker` with the mixture's closed-form eps (`mixture.eps_fn`), DDPM "fixed small",
     and the observe of `estimators.online_block_sums` (block sums of the class-label entropy,
     `estimators.block_entropy_sums`), in one jitted scan over all T steps (the same numbers as
-    `online_block_sums(..., chunk=None)` with the same key). Compiled ahead of
-    time (`jit(...).lower(...).compile()`); the compile time is reported on its own and is
-    not part of the ratio.
+    `online_block_sums(..., chunk=None)` with the same key). The classes are single isotropic
+    components, so the step takes the class log-likelihoods in matrix form
+    (`Tracker.affine_step`). Once with the default key (threefry2x32) and once with the
+    fast configuration's key (`jax.random.key(seed, impl=--fast-impl)`, threefry4x32). Compiled
+    ahead of time (`jit(...).lower(...).compile()`); the compile time is reported on its own
+    and is not part of the ratio.
 (b) NumPy: `benchmarks.numpy_reference.run_online`, the same estimator as a Python loop over
     steps, vectorised over trajectories and classes. For N above --numpy-full-max it is
     timed on the first --numpy-steps steps and scaled by T / steps (every step but the last
@@ -21,10 +25,15 @@ For every N (trajectories in total), d and K, on a Gaussian mixture with isotrop
     in a subprocess (start-up, compilation and figures included).
 
 Both implementations are checked to agree statistically: the class-averaged entropy curve
-sum_k pi_k H_k(t), max over the steps NumPy ran, must differ by less than --tolerance bits
-at N <= --numpy-full-max (where NumPy runs every step). The runs of (a) and (b) for one
-configuration are back to back (and alternate over --repeats, minimum kept), so machine
-load hits both alike.
+sum_k pi_k H_k(t), over all T steps at N = --check-size (NumPy runs every step there), must
+differ by less than --tolerance bits. The runs of (a) and (b) for one configuration are back
+to back (and alternate over --repeats, minimum kept), so machine load hits both alike.
+
+Then, in the same run: the normal draws of one step and the whole loop with every PRNG
+implementation JAX offers (`jax.random.key(seed, impl=...)`); and where the time goes, each
+step's flops and bytes (XLA's cost analysis of the compiled step, and the least the step must
+move) against the machine's matmul rate and memory bandwidth measured in the same run
+(`benchmarks.machine_limits`).
 """
 
 from __future__ import annotations
@@ -52,14 +61,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import machine_limits
 from benchmarks import numpy_reference as ref
 from jaxdiff_info import decisions, estimators
 from jaxdiff_info import mixture as gmm
-from jaxdiff_info.schedule import Sampler, alpha_bar_at, linear_schedule, reverse_std
+from jaxdiff_info.schedule import Sampler, linear_schedule, reverse_std
 from jaxdiff_info.tracking import TrackState, Tracker
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLER = Sampler("ddpm", "small")
+# the PRNG implementations of jax.random.key(seed, impl=...); the first is JAX's default
+KEY_IMPLS = ("threefry2x32", "threefry4x32", "philox2x32", "philox4x32", "rbg", "unsafe_rbg")
+FAST_IMPL = "threefry4x32"  # the fastest normal draws on the CPUs measured (benchmarks/README.md)
 
 
 # --- the problem ---------------------------------------------------------------------------
@@ -129,7 +142,27 @@ def build_jax_loop(case: Case, seed: int = 0, observe: bool = True, key_impl: st
         per_class = np.asarray(sums)[..., 0].sum(axis=2) / case.per_class  # (T, K)
         return seconds, per_class
 
+    go.compiled = compiled
     return go, compile_s
+
+
+def general_step_eps(schedule):
+    """The mixture's eps without `affine_classes`: the Tracker then takes its general step,
+    every class's eps formed (`all_classes`) and the squared distances taken directly, as
+    before the matrix form."""
+    eps = gmm.eps_fn(schedule)
+    general = lambda *a: eps(*a)  # noqa: E731
+    general.all_classes, general.check_schedule = eps.all_classes, eps.check_schedule
+    return general
+
+
+def step_cost(go) -> dict[str, float]:
+    """XLA's cost analysis of a compiled loop: {flops, bytes accessed, transcendentals} of one
+    pass through the scan's body (one step; XLA counts a loop body once, so the rolled loop
+    inside threefry2x32 is counted once of its five passes)."""
+    cost = go.compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {k: float(cost.get(k, float("nan"))) for k in ("flops", "bytes accessed", "transcendentals")}
 
 
 # --- (b) the NumPy loop ------------------------------------------------------------------------
@@ -189,17 +222,18 @@ def machine() -> str:
 
 
 def provenance() -> str:
-    """The commit the library was at, whether tracked files of jaxdiff_info/ or experiments/ had
-    uncommitted changes, and XLA_FLAGS."""
+    """The commit the library was at, the files of jaxdiff_info/ and benchmarks/ that differ from
+    it (modified or new), and XLA_FLAGS."""
     def git(*a):
         try:
-            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout
         except OSError:
             return ""
-    head = git("rev-parse", "--short", "HEAD") or "?"
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "jaxdiff_info", "experiments")
-    return (f"library at commit {head}{' + uncommitted changes to tracked files' if dirty else ''}; "
-            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    head = git("rev-parse", "--short", "HEAD").strip() or "?"
+    changed = sorted(line[3:].strip() for line in git("status", "--porcelain", "--", "jaxdiff_info", "benchmarks")
+                     .splitlines() if line.strip())
+    dirty = f" plus uncommitted changes to {', '.join(changed)}" if changed else ""
+    return f"library at commit {head}{dirty}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
 
 
 def load_average() -> str:
@@ -211,52 +245,109 @@ def load_average() -> str:
 
 # --- the benchmark -----------------------------------------------------------------------------
 
+def key_label(impl: str | None) -> str:
+    return impl or f"{jax.random.key_impl(jax.random.key(0))} (default)"
+
+
 def benchmark(args, log: Log) -> None:
     cases = [Case(n, d, k, args.steps) for n in args.sizes for d in args.dims for k in args.classes]
+    impls = [None] + ([args.fast_impl] if args.fast_impl else [])
     log(f"# Online tracking loop: JAX vs NumPy  ({time.strftime('%Y-%m-%d %H:%M')})")
     log(f"# machine: {machine()}")
     log(f"# {provenance()}")
     log(f"# T = {args.steps} steps, DDPM sigma_t^2 = beta~_t, float32 on both sides, class label entropy observed "
-        f"every step; repeats = {args.repeats} (min kept); load average at start: {load_average()}")
+        f"every step; repeats = {args.repeats} (min kept, JAX and NumPy alternating); load average at start: "
+        f"{load_average()}")
     log(f"# NumPy: every step for N <= {args.numpy_full_max}, else the first {args.numpy_steps} steps x T/steps "
         f"(marked *)")
-    log()
-    header = (f"{'N':>7} {'d':>3} {'K':>3} | {'JAX s':>8} {'NumPy s':>9} {'NumPy/JAX':>9} | {'compile s':>9} "
-              f"| {'max|dH| bits':>12}")
-    rows = []
     started = time.perf_counter()
+    limits = machine_limits.measure()
+    log(f"# machine limits (measured now): {machine_limits.describe(limits)}")
+    log()
+    header = (f"{'N':>7} {'d':>3} {'K':>3} {'key impl':<24} | {'JAX s':>8} {'NumPy s':>9} {'NumPy/JAX':>9} | "
+              f"{'compile s':>9} | {'max|dH| bits':>12}")
+    log(header)
+    log("-" * len(header))
+    loops: dict[tuple, tuple[float, object]] = {}  # (N, d, K, impl): (best JAX seconds, go)
     for case in cases:
         print(f"  ... N={case.num} d={case.dim} K={case.num_classes} ({time.perf_counter() - started:.0f} s so far)",
               file=sys.stderr, flush=True)
-        go, compile_s = build_jax_loop(case, args.seed)
+        built = {impl: build_jax_loop(case, args.seed, key_impl=impl) for impl in impls}
         full_numpy = case.num <= args.numpy_full_max
         np_steps = None if full_numpy else min(args.numpy_steps, case.steps)
-        jax_best = np_best = np.inf
+        best = {impl: np.inf for impl in impls}
+        curves = {}
+        np_best = np.inf
         for _ in range(args.repeats):
-            jax_s, jax_h = go()
+            for impl, (go, _) in built.items():
+                seconds, curves[impl] = go()
+                best[impl] = min(best[impl], seconds)
             np_s, np_h, ran = run_numpy(case, np_steps, args.seed)
-            jax_best, np_best = min(jax_best, jax_s), min(np_best, np_s * case.steps / ran)
+            np_best = min(np_best, np_s * case.steps / ran)
         weights = np.full(case.num_classes, 1.0 / case.num_classes)
-        diff = float(np.max(np.abs(jax_h[:ran] @ weights - np_h @ weights)))
         star = "" if full_numpy else "*"
-        row = (f"{case.num:>7} {case.dim:>3} {case.num_classes:>3} | {jax_best:>8.2f} {np_best:>8.1f}{star:1} "
-               f"{np_best / jax_best:>9.1f} | {compile_s:>9.2f} | {diff:>12.4f}")
-        if not rows:
-            log(header)
-            log("-" * len(header))
-        rows.append((case, full_numpy, diff))
-        log(row)
-        del go
+        for impl, (go, compile_s) in built.items():
+            diff = float(np.max(np.abs(curves[impl][:ran] @ weights - np_h @ weights)))
+            log(f"{case.num:>7} {case.dim:>3} {case.num_classes:>3} {key_label(impl):<24} | {best[impl]:>8.2f} "
+                f"{np_best:>8.1f}{star:1} {np_best / best[impl]:>9.1f} | {compile_s:>9.2f} | {diff:>12.4f}")
+            loops[(case.num, case.dim, case.num_classes, impl)] = (best[impl], go)
+        loops[(case.num, case.dim, case.num_classes, "numpy")] = (np_best, None)
     log()
-    if not all(full for _, full, _ in rows):
-        log(f"* NumPy timed on the first {args.numpy_steps} steps and scaled linearly to T = {args.steps}; "
-            "max|dH| then covers those steps only.")
+    log(f"* NumPy timed on the first {args.numpy_steps} steps and scaled linearly to T = {args.steps}; "
+        "max|dH| then covers those steps only.")
     log("max|dH|: max over steps of |sum_k pi_k H_k(t)| JAX - NumPy|, the class-averaged entropy curve.")
-    checked = [(c, d) for c, full, d in rows if full]
-    bad = [(c, d) for c, d in checked if d >= args.tolerance]
-    if checked:
-        verdict = "OK" if not bad else "FAILED for " + ", ".join(f"N={c.num} d={c.dim} K={c.num_classes}" for c, _ in bad)
-        log(f"agreement (full curves, N <= {args.numpy_full_max}): max|dH| < {args.tolerance} bits: {verdict}")
+
+    if args.check_size:
+        log()
+        bad = []
+        for d in args.dims:
+            for k in args.classes:
+                case = Case(args.check_size, d, k, args.steps)
+                np_s, np_h, _ = run_numpy(case, None, args.seed)
+                weights = np.full(k, 1.0 / k)
+                for impl in impls:
+                    go, _ = build_jax_loop(case, args.seed, key_impl=impl)
+                    jax_s, jax_h = go()
+                    diff = float(np.max(np.abs(jax_h @ weights - np_h @ weights)))
+                    if diff >= args.tolerance:
+                        bad.append(f"N={case.num} d={d} K={k} {key_label(impl)}")
+                    log(f"agreement, all {args.steps} steps: N = {case.num}, d = {d}, K = {k}, {key_label(impl)}: "
+                        f"max|dH| = {diff:.4f} bits (JAX {jax_s:.2f} s, NumPy {np_s:.1f} s)")
+        log(f"agreement (full curves, N = {args.check_size}): max|dH| < {args.tolerance} bits: "
+            + ("OK" if not bad else "FAILED for " + "; ".join(bad)))
+
+    draws: dict[tuple, float] = {}  # (N, d, impl): ms per step of the normal draws alone
+    for d in args.prng_dims or []:
+        case = Case(args.prng_size, d, args.classes[0], args.steps)
+        for impl, ms in prng_table(case, args, log).items():
+            draws[(case.num, d, None if impl == KEY_IMPLS[0] else impl)] = ms
+
+    log()
+    log("## Where the time goes: one step of the JAX loop against the machine's limits")
+    log(f"# matmul {limits['matmul_gflops']:.0f} GFLOP/s, memory {limits['bandwidth_gbs']:.1f} GB/s (measured above). "
+        "XLA: its cost analysis of the compiled step (flops include integer ops; bytes = every fusion's inputs "
+        "and outputs); least bytes: x_t read, x_{t-1} written, the (N, K) posterior read and written; "
+        "matmul flops: the (N, d) x (d, K) products, 4 N K d")
+    log("# ms/step: the whole loop (the table above, / T); draws: the normal draws alone (PRNG table); "
+        "at bw / at matmul rate: the time those bytes / flops take at the measured limits")
+    log(f"{'N':>7} {'d':>3} {'K':>3} {'key impl':<24} | {'ms/step':>8} {'draws':>6} | {'XLA GFLOP':>9} "
+        f"{'XLA GB':>7} {'least GB':>8} {'matmul GFLOP':>12} | {'XLA GB at bw ms':>15} {'least at bw ms':>14} "
+        f"{'matmul at rate ms':>17}")
+    for (n, d, k, impl), (seconds, go) in loops.items():
+        if go is None:
+            continue
+        cost = step_cost(go)
+        least = 4.0 * (2 * n * d + 2 * n * k)
+        matmul = 4.0 * n * k * d
+        drawn = draws.get((n, d, impl))
+        bw, rate = limits["bandwidth_gbs"] * 1e9, limits["matmul_gflops"] * 1e9
+        log(f"{n:>7} {d:>3} {k:>3} {key_label(impl):<24} | {1e3 * seconds / args.steps:>8.2f} "
+            f"{'-' if drawn is None else f'{drawn:.2f}':>6} | {cost['flops'] / 1e9:>9.2f} "
+            f"{cost['bytes accessed'] / 1e9:>7.2f} {least / 1e9:>8.3f} {matmul / 1e9:>12.3f} | "
+            f"{1e3 * cost['bytes accessed'] / bw:>15.1f} {1e3 * least / bw:>14.2f} {1e3 * matmul / rate:>17.2f}")
+    for n, d, k in {(c.num, c.dim, c.num_classes) for c in cases}:
+        np_s = loops[(n, d, k, "numpy")][0]
+        log(f"# NumPy reference, N = {n}, d = {d}, K = {k}: {1e3 * np_s / args.steps:.1f} ms/step")
 
     if args.gmm:
         log()
@@ -269,17 +360,63 @@ def benchmark(args, log: Log) -> None:
     log(f"# whole run {time.perf_counter() - started:.0f} s; load average at end: {load_average()}")
 
 
+def prng_table(case: Case, args, log: Log) -> dict[str, float]:
+    """The normal draws of one step, z = normal(fold_in(key, t), (N, d)) as the Tracker draws
+    them, alone in a scan, and the whole library loop, with every PRNG implementation; the
+    first --prng-steps steps, round robin over the implementations, the min of --repeats.
+    Returns {impl: ms per step of the draws alone}."""
+    S = min(args.prng_steps, case.steps)
+    built = {}
+    for impl in KEY_IMPLS:
+        built[(impl, "draws")] = build_noise_only(case, args.seed, impl, run_steps=S)
+        built[(impl, "loop")] = build_jax_loop(case, args.seed, key_impl=impl, run_steps=S)
+    times = {name: [] for name in built}
+    for _ in range(args.repeats):
+        for name, (go, _) in built.items():
+            times[name].append(1e3 * go()[0] / S)
+    log()
+    log(f"## PRNG implementations: N = {case.num}, d = {case.dim}, K = {case.num_classes}, the first {S} steps of "
+        f"T = {case.steps}, min of {args.repeats} round-robin repeats, ms per step")
+    log(f"{'jax.random.key(seed, impl=...)':<32} {'normal draws alone':>18} {'whole loop':>11} {'loop vs default':>15}")
+    default = min(times[(KEY_IMPLS[0], "loop")])
+    for impl in KEY_IMPLS:
+        draws, loop = min(times[(impl, "draws")]), min(times[(impl, "loop")])
+        log(f"{impl:<32} {draws:>18.2f} {loop:>11.2f} {default / loop:>14.2f}x")
+    return {impl: min(times[(impl, "draws")]) for impl in KEY_IMPLS}
+
+
 # --- where the JAX step spends its time ---------------------------------------------------------
 
-def conditional_eps_fn(schedule):
-    """eps(x_t, t, k) of class k only: the same values as `mixture.eps_fn` for k < K, without
-    the unconditional (posterior-weighted) score that `mixture.eps` computes for every k."""
+def counter_prng():
+    """A key implementation that is no PRNG, for timing only: bits = iota * 2654435761 ^ key,
+    one multiply and one xor per word. The loop with it costs what the loop costs less the
+    hashing of the bits (the conversion of bits to normals, erf_inv, stays)."""
+    from jax.extend.random import define_prng_impl
 
-    def eps(mix, x, t, k):
-        abar = alpha_bar_at(schedule, t)
-        return -jnp.sqrt(1.0 - abar) * gmm.class_scores(mix, x, abar)[k]
+    u32 = jnp.uint32
 
-    return eps
+    def seed(s):
+        return jnp.asarray(s, u32).reshape(1)
+
+    def split(key, shape):
+        return (key[0] + u32(0x9E3779B9) * (1 + jax.lax.iota(u32, int(np.prod(shape))))).reshape(*shape, 1)
+
+    def random_bits(key, bit_width, shape):
+        if bit_width != 32:
+            raise ValueError("the counter draws 32-bit words only")
+        return ((jax.lax.iota(u32, int(np.prod(shape))) * u32(2654435761)) ^ key[0]).reshape(shape)
+
+    def fold_in(key, data):
+        return key ^ (jnp.asarray(data, u32) * u32(0x85EBCA6B))
+
+    global _COUNTER
+    if _COUNTER is None:
+        _COUNTER = define_prng_impl(key_shape=(1,), seed=seed, split=split, random_bits=random_bits,
+                                    fold_in=fold_in, name="counter (no hash)")
+    return _COUNTER
+
+
+_COUNTER = None
 
 
 def build_batched_loop(case: Case, seed: int = 0, observe: bool = True, run_steps: int | None = None):
@@ -436,28 +573,23 @@ def breakdown(args, log: Log) -> None:
         case = Case(n, d, k, args.steps)
         S = min(args.breakdown_steps, case.steps)
         sched = linear_schedule(case.steps)
+        fast = args.fast_impl or FAST_IMPL
         variants = {
             "library loop (Tracker + block-entropy observe)": lambda: build_jax_loop(case, args.seed, run_steps=S),
-            "  library loop without observe": lambda: build_jax_loop(case, args.seed, observe=False, run_steps=S),
-            "  observe alone (block_entropy_sums, class label)": lambda: build_observe_only(case, args.seed, S),
-            "  observe alone, direct entropy, block sums w/o pad": lambda: build_observe_only(
-                case, args.seed, S, unpadded=True),
-            "  eps of class k only (no unconditional score)": lambda: build_jax_loop(
-                case, args.seed, eps_fn=conditional_eps_fn(sched), run_steps=S),
-            "  eps of class k only, without observe": lambda: build_jax_loop(
-                case, args.seed, observe=False, eps_fn=conditional_eps_fn(sched), run_steps=S),
+            f"  key impl {fast}": lambda: build_jax_loop(case, args.seed, key_impl=fast, run_steps=S),
+            "  without observe": lambda: build_jax_loop(case, args.seed, observe=False, run_steps=S),
+            "  bits for free (a counter, no hash)": lambda: build_jax_loop(
+                case, args.seed, key_impl=counter_prng(), run_steps=S),
+            "  general step (every class's eps, no matrix form)": lambda: build_jax_loop(
+                case, args.seed, eps_fn=general_step_eps(sched), run_steps=S),
             "  with jaxlib's default fusions (YNNPACK on)": lambda: default_fusions_variant(case, args, S),
             f"  Tracker(batch_size={args.batch_size})": lambda: build_jax_loop(
                 case, args.seed, run_steps=S, batch_size=args.batch_size),
-            f"  Tracker(batch_size={args.batch_size}), eps of class k only": lambda: build_jax_loop(
-                case, args.seed, eps_fn=conditional_eps_fn(sched), run_steps=S, batch_size=args.batch_size),
-            "  key impl unsafe_rbg instead of threefry": lambda: build_jax_loop(
-                case, args.seed, key_impl="unsafe_rbg", run_steps=S),
+            "observe alone (block_entropy_sums, class label)": lambda: build_observe_only(case, args.seed, S),
             "hand-batched (N,K,d) step + direct entropy": lambda: build_batched_loop(case, args.seed, run_steps=S),
-            "  hand-batched without observe": lambda: build_batched_loop(case, args.seed, observe=False, run_steps=S),
-            "noise alone, threefry normal (N,d) per step": lambda: build_noise_only(case, args.seed, run_steps=S),
-            "noise alone, unsafe_rbg normal (N,d) per step": lambda: build_noise_only(
-                case, args.seed, "unsafe_rbg", run_steps=S),
+            "normal draws alone, threefry2x32 (default)": lambda: build_noise_only(case, args.seed, run_steps=S),
+            f"normal draws alone, {fast}": lambda: build_noise_only(case, args.seed, fast, run_steps=S),
+            "normal draws alone, bits for free": lambda: build_noise_only(case, args.seed, counter_prng(), S),
             "NumPy reference (same steps)": None,
         }
         built = {name: (make() if make else None) for name, make in variants.items()}
@@ -471,7 +603,7 @@ def breakdown(args, log: Log) -> None:
         log(f"{'variant':<52} {'ms/step':>8}   {'all repeats':<24} {'compile s':>9}")
         for name, b in built.items():
             ms = [1e3 * t / S for t in times[name]]
-            log(f"{name:<52} {min(ms):>8.1f}   {' '.join(f'{m:.3g}' for m in ms):<24} "
+            log(f"{name:<52} {min(ms):>8.2f}   {' '.join(f'{m:.3g}' for m in ms):<24} "
                 f"{(b[1] if b else float('nan')):>9.2f}")
         for name, b in built.items():
             if b is not None and len(b) > 2:
@@ -545,9 +677,18 @@ def experiment_phases(log: Log) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.tracking", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=1000, help="diffusion steps T (default %(default)s)")
-    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="N, trajectories in total")
+    p.add_argument("--sizes", type=int, nargs="+", default=[100_000], help="N, trajectories in total")
     p.add_argument("--dims", type=int, nargs="+", default=[1, 64])
-    p.add_argument("--classes", type=int, nargs="+", default=[4, 16])
+    p.add_argument("--classes", type=int, nargs="+", default=[4])
+    p.add_argument("--fast-impl", default=FAST_IMPL, choices=[*KEY_IMPLS, ""],
+                   help="key implementation of the fast configuration, timed beside the default key "
+                        "(default %(default)s; '' for none)")
+    p.add_argument("--check-size", type=int, default=10_000,
+                   help="N of the agreement check over all T steps, NumPy included (default %(default)s; 0: none)")
+    p.add_argument("--prng-dims", type=int, nargs="*", default=[64],
+                   help="d of the PRNG table, at N = --prng-size (default %(default)s; none: skip)")
+    p.add_argument("--prng-size", type=int, default=100_000)
+    p.add_argument("--prng-steps", type=int, default=50, help="steps timed per PRNG variant (default %(default)s)")
     p.add_argument("--numpy-full-max", type=int, default=10_000,
                    help="largest N for which NumPy runs every step (default %(default)s)")
     p.add_argument("--numpy-steps", type=int, default=50, help="steps NumPy runs above that N (default %(default)s)")
@@ -560,7 +701,7 @@ def parse_args(argv=None):
                    help="smoke run: N 2000, d 1 and 8, K 4, T 100, a short experiment")
     p.add_argument("--breakdown", action="store_true", help="time variants of the JAX step instead")
     p.add_argument("--breakdown-case", type=int, nargs=3, action="append", metavar=("N", "d", "K"),
-                   help="a case for --breakdown (repeatable; default 100000 64 16 and 100000 1 16)")
+                   help="a case for --breakdown (repeatable; default 100000 64 4 and 100000 1 4)")
     p.add_argument("--breakdown-steps", type=int, default=10, help="steps timed per breakdown variant")
     p.add_argument("--batch-size", type=int, default=2048, help="Tracker.batch_size tried by --breakdown")
     p.add_argument("--jaxlib-default-fusions", action="store_true", help=argparse.SUPPRESS)  # breakdown worker
@@ -572,10 +713,11 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.sizes, a.dims, a.classes, a.steps, a.numpy_full_max = [2000], [1, 8], [4], 100, 2000
+        a.check_size, a.prng_dims, a.prng_size, a.prng_steps = 2000, [8], 2000, 20
         a.breakdown_case, a.breakdown_steps = [[2000, 8, 4]], 50
     if a.breakdown_case is None:
-        a.breakdown_case = [[100_000, 64, 16], [100_000, 1, 16]]
-    for n in a.sizes:
+        a.breakdown_case = [[100_000, 64, 4], [100_000, 1, 4]]
+    for n in [*a.sizes, *([a.check_size] if a.check_size else [])]:
         for k in a.classes:
             if n % k:
                 p.error(f"N = {n} is not a multiple of K = {k} (trajectories are split equally by class)")

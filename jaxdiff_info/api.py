@@ -166,6 +166,11 @@ def online_curves(
     tracked in coordinates centred on its mean (the same process, x_T ~ N(0, I) included;
     results are moved back), and refused where float32 cannot resolve the reverse steps.
 
+    The noise of every step is drawn with the implementation of `key` (`Tracker.run`): on
+    CPUs, key=jax.random.key(seed, impl="threefry4x32") draws it about twice as fast as the
+    default threefry2x32 (1.6x on the whole N = 1e5, d = 64 loop; benchmarks/README.md), with
+    other numbers from the same law.
+
     Advanced: batch_size (trajectories per network call: bounds memory, same numbers);
     chunk (steps per compiled call), progress(steps_done), after_chunk(t, TrackState) (at
     x_T first, then after every chunk; t = 0 is the generated sample); sharding of the

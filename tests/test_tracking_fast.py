@@ -135,8 +135,9 @@ def largest_intermediate(fn, *args) -> int:
 @pytest.mark.parametrize("guidance", [0.0, 1.5])
 def test_the_matrix_form_is_the_path_taken_and_forms_no_n_k_d_array(guidance):
     """One batched step on N = 7, K = 5, d = 20: the matrix form's largest array is (N, d) (and
-    (N, 2, d), a class's and the null eps, with guidance); clipping x_0 (not affine in eps) or classes made of components take the general step,
-    which forms every class's eps, an (N, K, d) array."""
+    (N, 2, d), a class's and the null eps, with guidance); clipping x_0 (not affine in eps) or
+    classes made of components take the general step, which forms every class's eps, an
+    (N, K, d) array."""
     N, K, d = 7, 5, 20
     mix = mixture(d, k=K)
     schedule = S.linear_schedule(100)
@@ -158,8 +159,10 @@ def test_the_matrix_form_is_the_path_taken_and_forms_no_n_k_d_array(guidance):
     assert largest_intermediate(step(clipped, mix), x, log_w, classes, z) >= N * K * d
 
     grouped = M.make_mixture(np.asarray(mix.means), np.asarray(mix.stds), classes=[[0, 1], [2], [3], [4]])
-    assert fast.affine_classes(grouped, jnp.asarray(50)) is None
     assert M.eps_fn(schedule).affine_classes(grouped, 50) is None
+    four = Tracker(M.eps_fn(schedule), schedule, S.Sampler(), 4, guidance=guidance)
+    assert four.affine_classes(grouped, jnp.asarray(50)) is None
+    assert largest_intermediate(step(four, grouped), x, log_w[:, :4], classes % 4, z) >= N * 4 * d
 
 
 def test_affine_form_is_the_eps_of_every_class():
