@@ -116,11 +116,14 @@ def analyze_model(
     the recorded trajectories is kept.
     """
     model = network
-    if isinstance(model, gmm.GaussianMixture):
+    mixture = isinstance(model, gmm.GaussianMixture)
+    shift = None  # a mixture's snapshots use the eps of the centred mixture: x_t moves by sqrt(abar) shift
+    if mixture:
         shape = tuple(shape) if shape is not None else (model.dim,)
         if int(np.prod(shape)) != model.dim:
             raise ValueError(f"an example of shape {shape} has {int(np.prod(shape))} entries, the mixture d = {model.dim}")
-        network = Network(gmm.eps_fn(schedule), gmm.centred(model)[0], (model.dim,), model.num_classes)
+        centred, shift = gmm.centred(model)
+        network = Network(gmm.eps_fn(schedule), centred, (model.dim,), model.num_classes)
     K = network.num_classes
     if samples_per_class < 2:
         raise ValueError(f"--samples-per-class must be >= 2 (for confidence intervals), got {samples_per_class}")
@@ -154,8 +157,6 @@ def analyze_model(
             x, x0 = x.reshape(x.shape[0], *example_shape), x0.reshape(x0.shape[0], *example_shape)
         snapshots.append((t, x, x0))
 
-    mixture = isinstance(model, gmm.GaussianMixture)
-    shift = gmm.centred(model)[1] if mixture else None  # the eps above is the centred mixture's
     example_shape = shape if mixture else None
     alpha_bar = lambda t: float(schedule.alpha_bar[t - 1]) if t > 0 else 1.0  # noqa: E731
     curves = online_curves(

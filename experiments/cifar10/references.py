@@ -12,13 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
-REFERENCE_DESCRIPTIONS = {
-    "gaussian": "gaussian reference (each class one Gaussian: its mean and covariance)",
-    "empirical": "empirical reference (each class the mixture of its training images)",
-}
-
 
 def load_reference(name: str, dataset: str, data_dir: Path, num_examples: int | None = None):
     """(mixture, image shape, class names, the dataset's decision problems, a description)
@@ -111,5 +104,5 @@ def print_comparison(summary: dict) -> None:
               f"(95% CI {lo:+.3f} to {hi:+.3f})")
 
 
-__all__ = ["REFERENCE_DESCRIPTIONS", "bytes_needed", "checkpoint_examples", "compare", "load_reference",
+__all__ = ["bytes_needed", "checkpoint_examples", "compare", "load_reference",
            "overlay_figure", "print_comparison"]
