@@ -34,6 +34,7 @@ GENERATIONS = ("conditional", "unconditional")
 # What an estimator's posterior is (docs/method.md, "path posterior and state posterior")
 STATE_EXACT_POSTERIOR = "state (exact posterior)"
 STATE_EXACT_DENOISERS = "state (exact denoisers)"  # I-MMSE: the state quantity, from E[x_0 | x_t, c]
+STATE_NETWORK_DENOISERS = "state (network denoisers)"  # I-MMSE of a network: the state quantity of its denoisers
 STATE_EXACT_KERNEL = "state (exact kernel)"
 STATE_DDPM = "state (DDPM approximation)"
 PATH = "path"
@@ -52,6 +53,8 @@ class Network:
     shape:       the shape of one example x_t
     num_classes: K
     weights:     (K,) prior class weights pi_k, any positive scale; None: equal
+    has_null:    whether k = K was trained (label dropout); without it nothing that needs the
+                 unconditional eps (guidance, unconditional generation, I-MMSE) runs
     """
 
     eps: EpsFn
@@ -59,6 +62,13 @@ class Network:
     shape: tuple[int, ...]
     num_classes: int
     weights: Sequence[float] | None = None
+    has_null: bool = True
+
+    def require_null(self, what: str) -> None:
+        """ValueError, one line, when the network has no null class and `what` needs one."""
+        if not self.has_null:
+            raise ValueError(f"{what} needs the unconditional prediction eps(x_t, t, null), and this network has no "
+                             f"null class (it was trained without label dropout)")
 
     def log_prior(self) -> jax.Array:
         w = np.full(self.num_classes, 1.0 / self.num_classes) if self.weights is None else np.asarray(self.weights)
@@ -192,6 +202,8 @@ def online_curves(
             state_log_posterior = lambda m, t, x: jax.vmap(gmm.log_posterior, (None, 0, None))(  # noqa: E731
                 m, x, schedule.alpha_bar[t - 1])
     elif isinstance(model, Network):
+        if with_null:
+            model.require_null("unconditional generation" if unconditional else "classifier-free guidance")
         eps, params, shape = model.eps, model.params, tuple(model.shape)
         num_classes, log_prior = model.num_classes, model.log_prior()
     else:
@@ -281,46 +293,94 @@ def class_information(key: jax.Array, block_sums: np.ndarray, block_counts: np.n
 
 # --- 4. I-MMSE -----------------------------------------------------------------------------------
 
-def immse_curves(mixture: gmm.GaussianMixture, problems: Sequence[DecisionProblem] | None, schedule: Schedule, *,
-                 samples_per_class: int, key: jax.Array, bandwidth: float = 0.01, num_resamples: int = 200,
-                 num_blocks: int = 32, bootstrap_key: jax.Array | None = None, common_noise: bool = False) -> Curves:
-    """H(Z | X_t) of a mixture (any d) from denoising errors (I-MMSE): H(Z) minus the integral
-    over gamma = abar / (1 - abar) of 1/2 E||E[x_0 | x_t, z] - E[x_0 | x_t]||^2 (nats), with the
-    mixture's exact class denoisers, for samples_per_class draws x_t ~ q(x_t | k) of every class
-    at every step (independent from step to step; common_noise: one x_0 and one noise per
-    sample at every t, x_t = sqrt(abar) x_0 + sqrt(1 - abar) z, a smoother but far noisier
-    curve); trapezoid rule in log-SNR over the steps, from gamma = 0. 95% bootstrap intervals
+def immse_curves(model: Model, problems: Sequence[DecisionProblem] | None, schedule: Schedule, *,
+                 samples_per_class: int, key: jax.Array, x_0: np.ndarray | None = None,
+                 labels: np.ndarray | None = None, source: str | None = None, estimator: str = "immse",
+                 bandwidth: float = 0.01, num_resamples: int = 200, num_blocks: int = 32,
+                 bootstrap_key: jax.Array | None = None, common_noise: bool = False, batch_size: int | None = None,
+                 chunk: int | None = None, progress: Callable[[int], None] | None = None) -> Curves:
+    """H(Z | X_t) from denoising errors (I-MMSE): H(Z) minus the integral over
+    gamma = abar / (1 - abar) of 1/2 E||E[x_0 | x_t, z] - E[x_0 | x_t]||^2 (nats), on the
+    steps of `schedule` (trapezoid rule in log-SNR, from gamma = 0). 95% bootstrap intervals
     over blocks of samples; bandwidth smooths the rate in t/T. bootstrap_key: the intervals'
     key (default: derived from `key`).
 
+    model: a GaussianMixture (its exact class denoisers, every decision problem) or a
+    `Network` (the class label only, from eps(x_t, t, k) and eps(x_t, t, null): two calls per
+    sample and step; it needs a null class).
+    Where x_t comes from: samples_per_class per class, each
+      - for a mixture without x_0: a draw x_t ~ q(x_t | k) at each t independently
+        (common_noise: one x_0 and one noise per sample at every t, smoother but far noisier);
+      - with x_0 (N, *shape) and labels (N,) (data, or a model's samples; needed for a
+        network): the first samples_per_class examples of each class, each the same at every
+        t, noised afresh at every step. source: what they are, in words, for the method line;
+        estimator: the key the curves are filed under ("immse"; "immse_model" for a model's
+        own samples).
+
     Per-class profiles (class_entropy_bits): H(Z) minus class k's share E_k[J] of its group's
     KL, whose weighted sum is H(Z | X_t) (docs/method.md). class_information_bits (K, T):
-    D_k(t) = KL(p(x_t | k) || p(x_t)) in bits, with its band class_information_bits_ci95."""
-    if not isinstance(mixture, gmm.GaussianMixture):
-        raise ValueError(f"the I-MMSE estimator needs a GaussianMixture (its exact denoisers E[x_0 | x_t, c]), "
-                         f"got {type(mixture).__name__}")
+    D_k(t) = KL(p(x_t | k) || p(x_t)) in bits, with its band class_information_bits_ci95.
+    Advanced (networks): batch_size (samples per network call), chunk (steps per compiled
+    call) and progress(steps_done)."""
     if isinstance(samples_per_class, bool) or int(samples_per_class) != samples_per_class or samples_per_class < 2:
         raise ValueError(f"the I-MMSE estimator needs an integer >= 2 samples per class (its bootstrap intervals "
                          f"need two), got {samples_per_class}")
-    arrays = _mixture_problems(mixture, problems)
     _check_bandwidth(bandwidth)
-    blocks = estimators.make_blocks(mixture.num_classes, samples_per_class, num_blocks)
-    run = immse.information_block_sums(gmm.centred(mixture)[0], schedule, arrays.membership, blocks, key,
-                                       common_noise=common_noise)
+    network = isinstance(model, Network)
+    if not (network or isinstance(model, gmm.GaussianMixture)):
+        raise ValueError(f"the I-MMSE estimator needs a GaussianMixture (its exact denoisers) or a Network, "
+                         f"got {type(model).__name__}")
+    if (x_0 is None) != (labels is None):
+        raise ValueError("give x_0 and labels together (one label per example)")
+    K = model.num_classes
+    given = None
+    if x_0 is not None:
+        given = immse.examples_per_class(x_0, labels, K, samples_per_class, what=source or "examples")
+    blocks = estimators.make_blocks(K, samples_per_class, num_blocks)
+    if network:
+        model.require_null("the I-MMSE estimator")
+        if given is None:
+            raise ValueError("the I-MMSE estimator of a network needs examples: give x_0 and labels (data, or the "
+                             "network's own samples)")
+        if given.shape[1:] != tuple(model.shape):
+            raise ValueError(f"examples of shape {given.shape[1:]} for a network of shape {tuple(model.shape)}")
+        arrays = problem_arrays(problems, np.exp(np.asarray(model.log_prior(), np.float64)))
+        if any(sorted(map(len, p.groups)) != [1] * K for p in arrays.problems):
+            raise ValueError("the I-MMSE estimator of a network gives the class label only (a group's denoiser "
+                             "needs P(c | x_t), which a network does not give); pass problems=None or the class label")
+        label_sums = immse.network_information_block_sums(model.eps, model.params, schedule, given, blocks, key,
+                                                          batch_size=batch_size, chunk=chunk, progress=progress)
+        problem_sums = np.repeat(label_sums[..., None], len(arrays.problems), axis=-1)
+        denoisers = "the network's eps(x_t, t, k) and eps(x_t, t, null) (two calls per sample and step)"
+    else:
+        arrays = _mixture_problems(model, problems)
+        mixture, shift = gmm.centred(model)
+        if given is not None:
+            given = given.reshape(given.shape[0], -1) - shift
+        run = immse.information_block_sums(mixture, schedule, arrays.membership, blocks, key,
+                                           common_noise=common_noise, x_0=given)
+        problem_sums, label_sums = run.problem_sums, run.label_sums
+        denoisers = "the mixture's exact denoisers"
     counts = blocks.counts.astype(np.float64)
     profile_sums = (arrays.prior_entropy_bits[None, None, None, :] * counts[None, :, :, None]
-                    - np.asarray(run.problem_sums, np.float64) / math.log(2.0))
+                    - np.asarray(problem_sums, np.float64) / math.log(2.0))
     boot_key = jax.random.fold_in(key, 7) if bootstrap_key is None else bootstrap_key
-    draws = ("x_0 ~ p(x_0 | k) and one noise per sample, the same at every t (common random numbers)" if common_noise
-             else "x_t ~ q(x_t | k) at each t independently")
+    if given is not None:
+        draws = (f"x_0: {source or 'the given examples'}, {samples_per_class} per class, each the same at every t, "
+                 f"noised afresh at each t")
+    elif common_noise:
+        draws = "x_0 ~ p(x_0 | k) and one noise per sample, the same at every t (common random numbers)"
+    else:
+        draws = "x_t ~ q(x_t | k) at each t independently"
     curves = curves_from_blocks(
         boot_key, _time(schedule), profile_sums.astype(np.float32), blocks.counts, arrays, bandwidth=bandwidth,
-        num_resamples=num_resamples, estimator="immse",
-        method="I-MMSE: H(Z) - int_0^gamma_t 1/2 E||E[x_0 | x_t, z] - E[x_0 | x_t]||^2 d gamma with the mixture's "
-               f"exact denoisers; {draws}; trapezoid rule in log-SNR over the steps, from gamma = 0")
-    information = class_information(jax.random.fold_in(boot_key, 1), np.asarray(run.label_sums) / math.log(2.0),
+        num_resamples=num_resamples, estimator=estimator,
+        method=f"I-MMSE: H(Z) - int_0^gamma_t 1/2 E||E[x_0 | x_t, z] - E[x_0 | x_t]||^2 d gamma with {denoisers}; "
+               f"{draws}; trapezoid rule in log-SNR over the steps, from gamma = 0")
+    information = class_information(jax.random.fold_in(boot_key, 1), np.asarray(label_sums) / math.log(2.0),
                                     blocks.counts, num_resamples)
-    return dataclasses.replace(curves, posterior=STATE_EXACT_DENOISERS, class_information_bits=information[0],
+    posterior = STATE_NETWORK_DENOISERS if network else STATE_EXACT_DENOISERS
+    return dataclasses.replace(curves, posterior=posterior, class_information_bits=information[0],
                                class_information_bits_ci95=information[1])
 
 

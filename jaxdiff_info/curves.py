@@ -203,7 +203,8 @@ class Curves:
 
     Arrays are indexed by problem first: P problems, T steps (t/T ascending), K classes.
 
-    estimator:          "exact", "forward_mc", "online", "online_state" or "immse"
+    estimator:          "exact", "forward_mc", "online", "online_state", "immse" or "immse_model"
+                        (I-MMSE from a model's own samples)
     method:             one line saying what was estimated and how (which posterior, which kernel)
     problems:           the P DecisionProblems, in order; prior_entropy_bits (P,) H(Z)
     time:               (T,) normalised time t/T of each step
@@ -225,7 +226,7 @@ class Curves:
     resampling:         the block sums (T, K, B, P) and block counts (K, B) the intervals were
                         drawn from, and the bootstrap key (Monte Carlo estimators)
     posterior:          which posterior the entropies are of: "state (exact posterior)",
-                        "state (exact denoisers)", "state (exact kernel)",
+                        "state (exact denoisers)", "state (network denoisers)", "state (exact kernel)",
                         "state (DDPM approximation)" or "path"
                         (docs/method.md, "path posterior and state posterior")
     exact_state:        online estimator on a mixture: the Curves of the exact state posterior

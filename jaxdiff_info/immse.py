@@ -1,4 +1,5 @@
-"""Estimator 4: information from denoising errors (I-MMSE), for mixtures with exact denoisers.
+"""Estimator 4: information from denoising errors (I-MMSE), with a mixture's exact denoisers or
+a network's class-conditional and null-class predictions.
 
 With gamma_t = abar_t / (1 - abar_t), x_t / sqrt(1 - abar_t) = sqrt(gamma_t) x_0 + noise, and the
 I-MMSE relation (Guo, Shamai, Verdu 2005) in its mismatched form (Verdu 2010) gives, in nats,
@@ -22,6 +23,17 @@ one noise z per sample serve every t, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) 
 numbers make each sample's curve smooth, but its integral then adds up strongly correlated
 terms, and the curves are 10 to 40 times noisier (docs/method.md).
 
+Given examples (x_0 from data, or a model's own samples): sample j of class k is one example,
+the same at every t, noised afresh at every step (x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) z_t),
+so the bootstrap over blocks of samples covers the spread between examples.
+
+A network gives E[x_0 | x_t, k] - E[x_0 | x_t] = -(eps(x_t, t, k) - eps(x_t, t, null)) / sqrt(gamma_t):
+two calls per sample and step give the class label's integrand
+f = ||eps_k - eps_null||^2 / (2 gamma_t), for x_0 of class k (the class label only: a group's
+denoiser needs P(c | x_t), which a network does not give). Its value at gamma = 0, 1/2 ||m_k - m||^2,
+is taken as its value at the noisiest step; the interval [0, gamma_T] it closes has width
+gamma_T (4e-5 on the linear 1000-step schedule).
+
 The formulas: docs/method.md, "Estimator 4: information from denoising errors (I-MMSE)".
 """
 
@@ -37,6 +49,7 @@ import numpy as np
 from jaxdiff_info import mixture as gmm
 from jaxdiff_info.estimators import Blocks
 from jaxdiff_info.schedule import Schedule
+from jaxdiff_info.tracking import step_chunks
 
 HIGHEST = jax.lax.Precision.HIGHEST
 BATCH_FLOATS = 2**24  # samples per vmapped batch of integrands: at most this many floats of (C + M) d rows
@@ -109,7 +122,8 @@ def integration_weights(alpha_bar: np.ndarray) -> np.ndarray:
 
 
 def information_block_sums(mixture: gmm.GaussianMixture, schedule: Schedule, membership: np.ndarray,
-                           blocks: Blocks, key: jax.Array, common_noise: bool = False) -> InformationSums:
+                           blocks: Blocks, key: jax.Array, common_noise: bool = False,
+                           x_0: jax.Array | None = None) -> InformationSums:
     """The I-MMSE information integrals of `blocks.per_class` samples of every class at every
     step of `schedule`, summed over blocks, in one compiled scan over the steps (t = T..1).
 
@@ -118,20 +132,26 @@ def information_block_sums(mixture: gmm.GaussianMixture, schedule: Schedule, mem
     common_noise: one x_0 ~ p(x_0 | k) and one z ~ N(0, I) per sample instead, reused at every t
     (x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) z: common random numbers; keys fold_in(key, 0) and
     fold_in(key, 1)); a smooth curve per sample, but far noisier (docs/method.md).
-    mixture: centred (`mixture.centred`) for float32."""
+    x_0: (N, d) given examples in `blocks`' order (class-major), one per sample at every t, noised
+    afresh at every step (key fold_in(key, t)), instead of draws from the mixture.
+    mixture: centred (`mixture.centred`) for float32, and x_0 in the same coordinates."""
+    if x_0 is not None and common_noise:
+        raise ValueError("common_noise draws its own x_0; give x_0 or common_noise, not both")
     groups, populations, member = integrand_sets(membership)
     classes = jnp.asarray(blocks.classes)
     rows = (mixture.num_components + groups.shape[0] + 1) * max(mixture.dim, mixture.rank)  # floats per sample
     batch = int(min(classes.shape[0], max(1, BATCH_FLOATS // rows)))
     run = functools.partial(_information, blocks=blocks, batch=batch, common_noise=common_noise)
     weights = jnp.asarray(integration_weights(np.asarray(schedule.alpha_bar)), jnp.float32)
+    given = None if x_0 is None else jnp.asarray(x_0, jnp.float32).reshape(classes.shape[0], mixture.dim)
     sums = jax.jit(run)(mixture, schedule.alpha_bar, weights, classes, key, jnp.asarray(groups),
-                        jnp.asarray(populations), jnp.asarray(member))
+                        jnp.asarray(populations), jnp.asarray(member), given)
     sums = np.asarray(sums)[::-1]  # visited t = T..1; reported t = 1..T
     return InformationSums(sums[..., :-1], sums[..., -1])
 
 
-def _information(mixture, alpha_bar, weights, classes, key, groups, populations, member, blocks, batch, common_noise):
+def _information(mixture, alpha_bar, weights, classes, key, groups, populations, member, given, blocks, batch,
+                 common_noise):
     sample_groups = jnp.moveaxis(groups[:, classes], 1, 0)  # (N, M, K): the group of each sample's class
     sample_member = member[:, classes].T.astype(jnp.float32)  # (N, M)
     if common_noise:
@@ -141,6 +161,8 @@ def _information(mixture, alpha_bar, weights, classes, key, groups, populations,
     def integrands(t, ab):
         if common_noise:
             x_t = jnp.sqrt(ab) * x_0 + jnp.sqrt(1.0 - ab) * z
+        elif given is not None:
+            x_t = noised(given, ab, jax.random.fold_in(key, t))
         else:
             x_t = gmm.sample_xt_given_classes(mixture, jax.random.fold_in(key, t), classes, ab)
         f = jax.lax.map(lambda args: information_integrands(mixture, args[0], ab, args[1], populations),
@@ -159,3 +181,93 @@ def _information(mixture, alpha_bar, weights, classes, key, groups, populations,
     steps = (jnp.arange(T, 0, -1), alpha_bar[::-1], weights[:, 0], weights[:, 1])
     _, sums = jax.lax.scan(step, (jnp.zeros_like(f_0), f_0), steps)
     return sums  # (T, K, B, M), t = T..1
+
+
+def noised(x_0: jax.Array, alpha_bar: jax.Array, key: jax.Array) -> jax.Array:
+    """x_t = sqrt(abar) x_0 + sqrt(1 - abar) z, z ~ N(0, I): the forward process from given x_0."""
+    z = jax.random.normal(key, x_0.shape, jnp.float32)
+    return jnp.sqrt(alpha_bar) * x_0 + jnp.sqrt(1.0 - alpha_bar) * z
+
+
+# --- examples: x_0 from data or from a model's samples ---------------------------------------
+
+def examples_per_class(x_0: np.ndarray, labels: np.ndarray, num_classes: int, per_class: int,
+                       what: str = "examples") -> np.ndarray:
+    """(K * per_class, ...) the first per_class examples of every class, class-major (the layout
+    of `estimators.Blocks`). ValueError, one line, when a class has fewer."""
+    x_0, labels = np.asarray(x_0), np.asarray(labels)
+    if labels.ndim != 1 or x_0.shape[:1] != labels.shape:
+        raise ValueError(f"x_0 {x_0.shape} and labels {labels.shape} must have one label per example")
+    if labels.size and not (0 <= labels.min() and labels.max() < num_classes):
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
+    counts = np.bincount(labels, minlength=num_classes)
+    short = int(np.argmin(counts))
+    if counts[short] < per_class:
+        raise ValueError(f"class {short} has {counts[short]} {what}, fewer than the {per_class} samples per class "
+                         f"asked for; ask for at most {counts[short]}")
+    return np.concatenate([x_0[labels == k][:per_class] for k in range(num_classes)])
+
+
+# --- a network: the class label from two calls per sample and step ---------------------------
+
+def network_information_block_sums(eps, params, schedule: Schedule, x_0: jax.Array, blocks: Blocks, key: jax.Array,
+                                   *, batch_size: int | None = None, chunk: int | None = None,
+                                   progress=None) -> np.ndarray:
+    """(T, K, B) block sums over samples of each class of J = int_0^{gamma_t} f d gamma in nats,
+    in step order t = 1..T, whose means are D_k(t) = KL(p(x_t | k) || p(x_t)) of the model
+    whose denoisers `eps` gives: f = ||eps(x_t, t, k) - eps(x_t, t, K)||^2 / (2 gamma_t) for a
+    sample of class k (k = K the null class), x_t noised afresh at every step from the sample's
+    x_0 (key fold_in(key, t)); f at gamma = 0 is taken as f at t = T (module docstring).
+
+    eps: per-example eps(params, x_t, t, k) on `schedule`'s timesteps; x_0 (N, *shape) in the
+    order of `blocks` (class-major); batch_size: samples per network call (2 examples each;
+    None: all); chunk: steps per compiled call, progress(steps_done) after each."""
+    classes = jnp.asarray(blocks.classes)
+    x_0 = jnp.asarray(x_0, jnp.float32)
+    if x_0.shape[0] != classes.shape[0]:
+        raise ValueError(f"{x_0.shape[0]} examples for {classes.shape[0]} samples")
+    K = blocks.num_classes
+    alpha_bar = np.asarray(schedule.alpha_bar, np.float64)
+    weights = integration_weights(alpha_bar)  # visited t = T..1
+    gamma = alpha_bar / (1.0 - alpha_bar)
+    eps_batch = jax.vmap(eps, (None, 0, None, 0))
+    batch = classes.shape[0] if batch_size is None else int(min(batch_size, classes.shape[0]))
+
+    def integrands(p, t, step, ab, g):
+        x_t = noised(x_0, ab, jax.random.fold_in(key, t))
+
+        def call(args):
+            x, k = args
+            both = eps_batch(p, jnp.stack([x, x]), step, jnp.stack([k, jnp.full_like(k, K)]))
+            return 0.5 * jnp.sum((both[0] - both[1]) ** 2) / g
+
+        return jax.lax.map(call, (x_t, classes), batch_size=batch)  # (N,)
+
+    @jax.jit
+    def run(p, carry, ts, steps, abs_, gs, a, b):
+        def body(carry, inputs):
+            integral, f_prev = carry
+            t, step, ab, g, a_i, b_i = inputs
+            f = integrands(p, t, step, ab, g)
+            f_prev = jnp.where(t == schedule.num_steps, f, f_prev)  # f(gamma = 0) ~ f(gamma_T)
+            integral = jnp.where(t > 0, integral + a_i * f_prev + b_i * f, integral)
+            return (integral, jnp.where(t > 0, f, f_prev)), blocks.sums(integral)
+
+        return jax.lax.scan(body, carry, (ts, steps, abs_, gs, a, b))
+
+    T = schedule.num_steps
+    timesteps = np.asarray(schedule.timesteps)
+    carry = (jnp.zeros(classes.shape[0], jnp.float32), jnp.zeros(classes.shape[0], jnp.float32))
+    outputs = []
+    for ts in step_chunks(T, chunk):
+        i = np.where(ts > 0, ts - 1, 0)
+        row = np.where(ts > 0, T - ts, 0)  # the position of step t in the visiting order
+        args = (jnp.asarray(ts), jnp.asarray(timesteps[i]), jnp.asarray(alpha_bar[i], jnp.float32),
+                jnp.asarray(gamma[i], jnp.float32), jnp.asarray(np.where(ts > 0, weights[row, 0], 0), jnp.float32),
+                jnp.asarray(np.where(ts > 0, weights[row, 1], 0), jnp.float32))
+        carry, sums = run(params, carry, *args)
+        outputs.append(sums)
+        if progress is not None:
+            jax.block_until_ready(carry)
+            progress(int(np.count_nonzero(ts)))
+    return np.concatenate([np.asarray(o) for o in outputs])[:T][::-1]  # visited t = T..1; reported t = 1..T

@@ -162,7 +162,9 @@ def test_bad_inputs_are_refused_in_one_line(kwargs, message):
     assert "\n" not in str(e.value)
 
 
-def test_a_network_is_refused():
+def test_a_network_needs_examples_and_other_models_are_refused():
     net = jdi.Network(lambda params, x, t, k: x, None, (1,), 2)
-    with pytest.raises(ValueError, match="needs a GaussianMixture"):
+    with pytest.raises(ValueError, match="needs examples"):
         jdi.immse_curves(net, None, SHORT, samples_per_class=8, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="needs a GaussianMixture"):
+        jdi.immse_curves(object(), None, SHORT, samples_per_class=8, key=jax.random.key(0))
