@@ -7,7 +7,11 @@ For every class, trajectories are generated with the model and the online classi
 P(k | x_t) for all K classes along them (`jaxdiff_info.online_curves`, one compiled loop).
 On top of the online curves of every decision problem it gives the per-class curves of the
 class label, snapshots of the predicted x_0 along a few trajectories, and the mean
-posterior per generating class (the heat map). docs/method.md defines every quantity.
+posterior per generating class (the heat map). Beside the online classifier, a second
+estimator that shares none of its assumptions: I-MMSE (`jaxdiff_info.immse_curves`), the
+class label's H(Y | X_t) and D_k(t) from the model's denoisers, with x_0 from held-out data
+("immse") and from the model's own generated samples ("immse_model"). docs/method.md defines
+every quantity.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff_info import mixture as gmm
-from jaxdiff_info.api import Network, forward_mc_curves, generating_classes, online_curves, recorded_paths
+from jaxdiff_info import results
+from jaxdiff_info.api import Network, forward_mc_curves, generating_classes, immse_curves, online_curves, recorded_paths
 from jaxdiff_info.curves import Curves, class_curves
 from jaxdiff_info.decisions import DecisionProblem, class_label
 from jaxdiff_info.schedule import Sampler, Schedule, eps_to_x0
@@ -44,6 +49,11 @@ class Analysis:
     For a mixture model (a reference): forward_mc, the forward Monte Carlo curves with the
     exact state posterior, and curves.exact_state, the exact P(k | x_t) read out along the
     same online trajectories; shape: the shape of one example (x_0 and snapshots have it).
+
+    I-MMSE (the class label, with D_k): immse, from held-out examples for a network (None
+    without them) and from the exact denoisers for a mixture; immse_model, a network's
+    denoisers on its own generated x_0 (conditional generation; None for a mixture, whose
+    samples follow its own law: the two are the same).
     """
 
     curves: Curves
@@ -53,6 +63,19 @@ class Analysis:
     sampler: str
     forward_mc: Curves | None = None
     shape: tuple[int, ...] | None = None
+    immse: Curves | None = None
+    immse_model: Curves | None = None
+
+    def estimators(self) -> dict[str, Curves]:
+        """Every estimator's curves by key: online, online_state and forward_mc (mixtures),
+        immse and immse_model (those computed)."""
+        out = {"online": self.curves}
+        if self.forward_mc is not None:
+            out.update(online_state=self.curves.exact_state, forward_mc=self.forward_mc)
+        for name in ("immse", "immse_model"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
 
     @property
     def time(self) -> np.ndarray:
@@ -103,6 +126,11 @@ def analyze_model(
     num_snapshots: int = 6,
     progress: Callable[[int], None] | None = None,
     shape: Sequence[int] | None = None,
+    immse: bool = True,
+    held_out: tuple[np.ndarray, np.ndarray] | None = None,
+    held_out_name: str = "held-out examples",
+    immse_samples_per_class: int | None = None,
+    immse_progress: Callable[[int], None] | None = None,
 ) -> Analysis:
     """Generate with `network` on `schedule` and track P(k | x_t) online; any class-conditional
     eps(params, x_t, t, k) with k = K the null class, or a mixture (`jaxdiff_info.references`:
@@ -114,6 +142,13 @@ def analyze_model(
     local devices when they divide evenly. The other arguments are those of `online_curves`;
     num_snapshots: times (evenly spaced steps, T and 0 included) at which the predicted x_0 of
     the recorded trajectories is kept.
+
+    immse: also the I-MMSE estimator of the class label on the same steps: for a network
+    (it needs a null class) from held_out = (x_0 (n, *shape) in the model's range, labels (n,))
+    ("immse", described as held_out_name; immse_samples_per_class of each class, default
+    samples_per_class or the smallest class's count if fewer) and from its generated x_0
+    ("immse_model", samples_per_class of each class); for a mixture from its exact denoisers
+    (samples_per_class draws per class and step). immse_progress(steps_done) for each I-MMSE run.
     """
     model = network
     mixture = isinstance(model, gmm.GaussianMixture)
@@ -171,7 +206,67 @@ def analyze_model(
     if mixture:
         forward = forward_mc_curves(model, problems, schedule, samples_per_class=samples_per_class,
                                     key=jax.random.fold_in(key, 9), bandwidth=bandwidth, num_resamples=num_resamples)
-    return Analysis(curves, per_class, snapshots, names, sampler.describe(), forward, example_shape)
+    from_data = from_model = None
+    if immse:
+        from_data, from_model = information_curves(
+            model if mixture else network, schedule, label, curves, generation, samples_per_class, key,
+            bandwidth=bandwidth, num_resamples=num_resamples, batch_size=batch_size, progress=immse_progress,
+            held_out=held_out, held_out_name=held_out_name, per_class=immse_samples_per_class)
+    return Analysis(curves, per_class, snapshots, names, sampler.describe(), forward, example_shape, from_data,
+                    from_model)
+
+
+def information_curves(model, schedule: Schedule, label: DecisionProblem, online: Curves, generation: str,
+                       samples_per_class: int, key: jax.Array, *, bandwidth: float, num_resamples: int,
+                       batch_size: int | None, progress, held_out, held_out_name: str, per_class: int | None):
+    """(immse, immse_model) of `analyze_model`: the class label's I-MMSE curves from held-out
+    examples (a network) or the exact denoisers (a mixture), and from the generated x_0."""
+    common = dict(bandwidth=bandwidth, num_resamples=num_resamples)
+    if isinstance(model, gmm.GaussianMixture):
+        return immse_curves(model, [label], schedule, samples_per_class=samples_per_class,
+                            key=jax.random.fold_in(key, 10), **common), None
+    model.require_null("the I-MMSE estimator (--no-immse skips it)")
+    chunk = max(1, schedule.num_steps // 20)
+    from_data = None
+    if held_out is not None:
+        x_0, labels = np.asarray(held_out[0]), np.asarray(held_out[1])
+        if per_class is None:
+            counts = np.bincount(labels, minlength=model.num_classes)
+            per_class = int(min(samples_per_class, counts.min()))
+        from_data = immse_curves(model, [label], schedule, samples_per_class=per_class, key=jax.random.fold_in(key, 10),
+                                 x_0=x_0, labels=labels, source=held_out_name, batch_size=batch_size, chunk=chunk,
+                                 progress=progress, **common)
+    from_model = None
+    if generation != "unconditional":
+        t = online.trajectories
+        from_model = immse_curves(model, [label], schedule, samples_per_class=samples_per_class,
+                                  key=jax.random.fold_in(key, 11), x_0=t.x_0, labels=t.classes,
+                                  source="the model's own samples (the x_0 of the online trajectories)",
+                                  estimator="immse_model", batch_size=batch_size, chunk=chunk, progress=progress,
+                                  **common)
+    return from_data, from_model
+
+
+def immse_differences(result: Analysis) -> dict:
+    """The cross-check of the two estimators (summary.json's "immse"): for each I-MMSE curve of
+    the analysis ("data": immse, "model_samples": immse_model), how the online curve of the
+    class label differs from it (online minus I-MMSE, `results.curve_differences`) and, per
+    class, how the two D_k differ; {} without I-MMSE."""
+    online = result.curves
+    out = {}
+    for est in ("immse", "immse_model"):
+        other = getattr(result, est)
+        if other is None:
+            continue
+        name = other.problems[0].name
+        entry = {"estimator": est, "method": other.method, "posterior": other.posterior,
+                 "class_label": {"name": name, **results.curve_differences(online, other, online.index(name), 0)}}
+        if online.class_information_bits is not None:
+            entry["classes"] = results.information_differences(online, other, result.class_names)
+        out["data" if est == "immse" else "model_samples"] = entry
+    if out:
+        out["difference_method"] = "online minus I-MMSE; " + results.DIFFERENCE_METHOD
+    return out
 
 
 def kernel_x0(network: Network, schedule: Schedule, sampler: Sampler, guidance: float, params, x_t, t, c):

@@ -20,6 +20,7 @@ STYLE = {
     "online": dict(color="tab:red", lw=1.2, ls="-", label="online classifier"),
     "online_state": dict(color="tab:orange", lw=1.0, ls=":", label="exact P(k | x_t) on the online paths"),
     "immse": dict(color="tab:green", lw=1.2, ls="-.", label="I-MMSE (denoising errors)"),
+    "immse_model": dict(color="tab:purple", lw=1.2, ls="--", label="I-MMSE on the model's own samples"),
 }
 
 
@@ -51,6 +52,9 @@ def curves_figure(curves: Mapping[str, Curves], field: str, title: str | None = 
     for i, ax in zip(select, axes):
         problem = first.problems[i]
         for name, c in curves.items():
+            if problem.name not in c.names:  # an estimator of some of the problems only (I-MMSE of a network)
+                continue
+            i = c.index(problem.name)
             style = {**STYLE.get(name, dict(label=name))}
             color = style.get("color")
             ax.plot(c.time, getattr(c, field)[i], **style)
@@ -158,6 +162,38 @@ def class_curves_figure(class_curves: Curves, title: str | None = None):
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def class_information_figure(curves: Mapping[str, Curves], class_names: Sequence[str], title: str | None = None,
+                             labels: Mapping[str, str] | None = None):
+    """D_k(t) = KL(p(x_t | k) || p(x_t)) in bits, one panel per class, every estimator that
+    gives it (class_information_bits) overlaid with its 95% bootstrap band: where the online
+    classifier and I-MMSE meet on the same per-class quantity. labels: legend text by
+    estimator (default: STYLE's)."""
+    curves = {n: c for n, c in curves.items() if c.class_information_bits is not None}
+    fig, axes = _grid(len(class_names), width=3.3, height=2.4)
+    for k, (ax, name) in enumerate(zip(axes, class_names)):
+        for est, c in curves.items():
+            style = {**STYLE.get(est, dict(label=est))}
+            if labels and est in labels:
+                style["label"] = labels[est]
+            ax.plot(c.time, c.class_information_bits[k], **style)
+            if c.class_information_bits_ci95 is not None:
+                ax.fill_between(c.time, *c.class_information_bits_ci95[k].T, color=style.get("color"), alpha=0.18, lw=0)
+        ax.set_title(f"class {name}", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in axes[::4]:
+        ax.set_ylabel("D_k = KL(p(x_t|k) || p(x_t))  [bits]", fontsize=7)
+    for ax in axes[-4:]:
+        ax.set_xlabel("t/T  (generation: 1 -> 0)", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    handles, texts = axes[0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(handles, texts, loc="lower center", ncol=min(len(texts), 3), fontsize=7, frameon=False,
+               title="shaded: 95% bootstrap bands", title_fontsize=7)
     return fig
 
 

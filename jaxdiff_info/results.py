@@ -227,10 +227,12 @@ def _round(a: np.ndarray, digits: int = 6) -> Any:
 
 
 def problem_summary(index: int, curves: Mapping[str, Curves]) -> dict:
-    """Decision problem `index`'s entry of summary.json, every estimator's curves of it (see
-    the README for the schema; intervals as [lo, hi], bands as [[lower...], [upper...]])."""
+    """Decision problem `index` (of the first curves)'s entry of summary.json, the curves of
+    every estimator that has a problem of its name (see the README for the schema; intervals
+    as [lo, hi], bands as [[lower...], [upper...]])."""
     first = next(iter(curves.values()))
     problem = first.problems[index]
+    curves = {name: c for name, c in curves.items() if problem.name in c.names}
     time = first.time
     entry: dict[str, Any] = {
         "name": problem.name,
@@ -248,6 +250,7 @@ def problem_summary(index: int, curves: Mapping[str, Curves]) -> dict:
         "entropy_rate_ci95": {},
     }
     for name, c in curves.items():
+        index = c.index(problem.name)
         entry["entropy_bits"][name] = _round(c.entropy_bits[index])
         entry["entropy_rate"][name] = _round(c.entropy_rate[index])
         entry["peak_time"][name] = round(float(c.peak_time[index]), 6)
@@ -267,7 +270,8 @@ def methods(curves: Mapping[str, Curves]) -> dict[str, str]:
 
 
 CURVE_FIELDS = ("class_entropy_bits", "entropy_bits", "entropy_rate", "peak_time", "half_time",
-                "entropy_bits_ci95", "entropy_rate_ci95", "peak_time_ci95", "half_time_ci95")
+                "entropy_bits_ci95", "entropy_rate_ci95", "peak_time_ci95", "half_time_ci95",
+                "class_information_bits", "class_information_bits_ci95")
 
 
 def curves_arrays(curves: Mapping[str, Curves]) -> dict[str, np.ndarray]:
@@ -291,25 +295,47 @@ def _half_width(ci: np.ndarray | None) -> np.ndarray | float:
     return 0.0 if ci is None else (np.asarray(ci)[..., 1] - np.asarray(ci)[..., 0]) / 2.0
 
 
-def curve_differences(a: Curves, b: Curves, index: int) -> dict:
-    """How row `index` of curves `a` (e.g. a network's) differs from row `index` of `b` (e.g. a
-    reference model's), for summary.json: the largest |H_a - H_b| in bits, the time t/T where
-    it is and its interval there, and the peak-time and half-time differences with intervals
-    (`DIFFERENCE_METHOD`)."""
-    if a.time.shape != b.time.shape or not np.allclose(a.time, b.time):
-        raise ValueError("curves on different time grids cannot be compared; use the same schedule and steps")
-    gap = np.asarray(a.entropy_bits[index], np.float64) - np.asarray(b.entropy_bits[index], np.float64)
+def curve_differences(a: Curves, b: Curves, index: int, index_b: int | None = None) -> dict:
+    """How row `index` of curves `a` (e.g. a network's) differs from row `index_b` (default:
+    `index`) of `b` (e.g. a reference model's), for summary.json: the largest |H_a - H_b| in
+    bits, the time t/T where it is and its interval there, and the peak-time and half-time
+    differences with intervals (`DIFFERENCE_METHOD`)."""
+    _check_grids(a, b)
+    j = index if index_b is None else index_b
+    gap = np.asarray(a.entropy_bits[index], np.float64) - np.asarray(b.entropy_bits[j], np.float64)
     at = int(np.argmax(np.abs(gap)))
     band = np.hypot(_half_width(None if a.entropy_bits_ci95 is None else a.entropy_bits_ci95[index, at]),
-                    _half_width(None if b.entropy_bits_ci95 is None else b.entropy_bits_ci95[index, at]))
+                    _half_width(None if b.entropy_bits_ci95 is None else b.entropy_bits_ci95[j, at]))
     out = {"max_abs_entropy_difference_bits": round(float(abs(gap[at])), 6),
            "max_abs_entropy_difference_time": round(float(a.time[at]), 6),
            "entropy_difference_bits_at_max": round(float(gap[at]), 6),
            "entropy_difference_bits_at_max_ci95": _round([gap[at] - band, gap[at] + band])}
     for field in ("peak_time", "half_time"):
-        d = float(getattr(a, field)[index]) - float(getattr(b, field)[index])
+        d = float(getattr(a, field)[index]) - float(getattr(b, field)[j])
         ca, cb = getattr(a, f"{field}_ci95"), getattr(b, f"{field}_ci95")
-        w = float(np.hypot(_half_width(None if ca is None else ca[index]), _half_width(None if cb is None else cb[index])))
+        w = float(np.hypot(_half_width(None if ca is None else ca[index]), _half_width(None if cb is None else cb[j])))
         out[f"{field}_difference"] = round(d, 6)
         out[f"{field}_difference_ci95"] = _round([d - w, d + w])
     return out
+
+
+def information_differences(a: Curves, b: Curves, class_names: Sequence[str]) -> list[dict]:
+    """Per class k, how D_k(t) of `a` differs from that of `b` (both with class_information_bits),
+    for summary.json: the largest |D_a - D_b| in bits, where, and its interval there
+    (`DIFFERENCE_METHOD`)."""
+    _check_grids(a, b)
+    out = []
+    for k, name in enumerate(class_names):
+        gap = np.asarray(a.class_information_bits[k], np.float64) - np.asarray(b.class_information_bits[k], np.float64)
+        at = int(np.argmax(np.abs(gap)))
+        band = np.hypot(_half_width(a.class_information_bits_ci95[k, at]), _half_width(b.class_information_bits_ci95[k, at]))
+        out.append({"name": str(name), "max_abs_information_difference_bits": round(float(abs(gap[at])), 6),
+                    "max_abs_information_difference_time": round(float(a.time[at]), 6),
+                    "information_difference_bits_at_max": round(float(gap[at]), 6),
+                    "information_difference_bits_at_max_ci95": _round([gap[at] - band, gap[at] + band])})
+    return out
+
+
+def _check_grids(a: Curves, b: Curves) -> None:
+    if a.time.shape != b.time.shape or not np.allclose(a.time, b.time):
+        raise ValueError("curves on different time grids cannot be compared; use the same schedule and steps")

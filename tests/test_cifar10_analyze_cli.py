@@ -30,8 +30,8 @@ ARGS = ["--samples-per-class", "2", "--steps", "4", "--bootstrap", "10", "--no-p
 def test_writes_every_output(checkpoint, tmp_path, capsys):
     out = tmp_path / "analysis"
     assert main(["analyze", "--checkpoint", str(checkpoint), "--out", str(out)] + ARGS) == 0
-    from experiments.cifar10.analyze import OUTPUTS
-    for name in OUTPUTS:
+    from experiments.cifar10.analyze import IMMSE_OUTPUTS, OUTPUTS
+    for name in OUTPUTS + IMMSE_OUTPUTS:
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "summary.json").read_text())
     assert [p["name"] for p in summary["problems"]] == ["class", "coarse", "fine"]
@@ -47,14 +47,51 @@ def test_writes_every_output(checkpoint, tmp_path, capsys):
     arrays = np.load(out / "curves.npz")
     assert arrays["mean_posterior"].shape == (4, 10, 10)
     assert arrays["snapshots/x0_hat"].shape[1:] == (20, 32, 32, 3)
+    # I-MMSE beside the online curves, of the class label only, from held-out images and from the samples
+    assert summary["estimators"] == ["online", "immse", "immse_model"]
+    assert set(summary["problems"][0]["peak_time"]) == {"online", "immse", "immse_model"}
+    assert set(summary["problems"][1]["peak_time"]) == {"online"}
+    assert "held-out shapes test split" in summary["methods"]["immse"] and "2 per class" in summary["methods"]["immse"]
+    assert "own samples" in summary["methods"]["immse_model"]
+    for source in ("data", "model_samples"):
+        entry = summary["immse"][source]
+        assert entry["posterior"] == "state (network denoisers)"
+        assert entry["class_label"]["name"] == "class" and len(entry["class_label"]["half_time_difference_ci95"]) == 2
+        assert len(entry["classes"]) == 10 and np.isfinite(entry["classes"][3]["max_abs_information_difference_bits"])
+    assert arrays["immse/entropy_bits"].shape == (1, 4) and arrays["immse_model/class_information_bits"].shape == (10, 4)
+    assert np.all(np.isfinite(arrays["online/class_information_bits"]))
     printed = capsys.readouterr().out
-    for problem in summary["problems"]:  # one line each; "never halves" rather than a time of 0
-        line = next(line for line in printed.splitlines() if line.strip().startswith(problem["name"] + " "))
+    lines = printed.splitlines()
+    for problem in summary["problems"]:  # one line per estimator; "never halves" rather than a time of 0
+        at = next(i for i, line in enumerate(lines) if line.strip().split("  ")[0] == problem["name"])
+        line = lines[at] if len(problem["peak_time"]) == 1 else lines[at + 1]
         assert "peak t/T" in line
         if problem["half_time"]["online"] == 0:
             assert "H never halves" in line and "resolved at" not in line
         else:
             assert "half of H resolved at t/T" in line
+
+
+def test_a_model_without_null_class_needs_no_immse(tmp_path, capsys):
+    directory = tmp_path / "no-null"
+    config = training.TrainConfig(model="micro", unet=MICRO, dataset="shapes", checkpoint_dir=directory,
+                                  num_examples=16, steps=1, batch_size=8, lr=1e-3, warmup=1, save_every=1,
+                                  samples_per_class=0, log_every=1, label_dropout=0.0)
+    training.train(config, progress=False)
+    code, err = _run_expect_2(["--checkpoint", str(directory), "--out", str(tmp_path / "o")] + ARGS, capsys)
+    assert code == 2 and "no null class" in err and "--no-immse" in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+    code, err = _run_expect_2(["--checkpoint", str(directory), "--out", str(tmp_path / "o"), "--guidance", "1",
+                               "--no-immse"] + ARGS, capsys)
+    assert code == 2 and "no null class" in err and "classifier-free guidance" in err
+
+
+def test_no_immse(checkpoint, tmp_path):
+    out = tmp_path / "plain"
+    assert main(["analyze", "--checkpoint", str(checkpoint), "--out", str(out), "--no-immse"] + ARGS) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["estimators"] == ["online"] and "immse" not in summary
+    assert not (out / "class_information.png").exists()
 
 
 def _run_expect_2(args, capsys):
@@ -70,6 +107,9 @@ def _run_expect_2(args, capsys):
     (["--samples-per-class", "1"], "--samples-per-class must be >= 2"),
     (["--steps", "2000"], "only 1000"),
     (["--steps", "1"], "--steps must be >= 2"),
+    (["--immse-samples-per-class", "1"], "--immse-samples-per-class must be >= 2"),
+    (["--immse-samples-per-class", "1001"], "more than the 1000 held-out images of the smallest class"),
+    (["--immse-samples-per-class", "4", "--no-immse"], "drop it or --no-immse"),
 ])
 def test_bad_settings(checkpoint, tmp_path, capsys, extra, message):
     code, err = _run_expect_2(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "o")] + ARGS + extra, capsys)

@@ -263,7 +263,7 @@ def test_analyze_a_reference_without_a_checkpoint(tmp_path, capsys):
                  "--samples-per-class", "4", "--bootstrap", "10", "--no-progress", "--out", str(out),
                  "--problem", "1 vs 8"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["reference"] == "gaussian" and summary["estimators"] == ["online", "online_state", "forward_mc"]
+    assert summary["reference"] == "gaussian" and summary["estimators"] == ["online", "online_state", "forward_mc", "immse"]
     assert summary["posterior"]["forward_mc"] == "state (exact posterior)"
     assert "full covariances" in summary["model"] and summary["num_components"] == 10
     assert [p["name"] for p in summary["problems"]] == ["class", "1 vs 8"]

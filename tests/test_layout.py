@@ -19,10 +19,10 @@ ALLOWED = {
     # the tracker and the estimators on it
     "tracking": {"schedule"},
     "estimators": CORE | {"tracking"},
-    "immse": CORE | {"estimators"},
+    "immse": CORE | {"tracking", "estimators"},
     # the research API on those, the image analysis on the API
     "api": CORE | {"tracking", "estimators", "immse"},
-    "analysis": CORE | {"tracking", "api"},
+    "analysis": CORE | {"tracking", "api", "results"},
     # exact reference models of a dataset: mixtures
     "references": {"mixture"},
     # models, data and training: rooms of their own beside the analysis

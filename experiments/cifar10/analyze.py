@@ -7,9 +7,13 @@
 For every class, N trajectories are generated with the trained model; the online Bayesian
 classifier tracks P(k | x_t) for all K classes along them, in the same compiled loop as for
 mixtures (jaxdiff_info.tracking). The decision problems are the class label and those the
-dataset defines, or the class label and those given with --problem. Writes into --out:
-summary.json (the mixture experiment's schema, plus "classes"), curves.npz,
-class_entropy_rate.png, entropy_rate.png, posterior_paths.png, posterior_heatmap.png. A reference model (a mixture: `gaussian` or
+dataset defines, or the class label and those given with --problem. Beside the online
+curves, by default, the I-MMSE estimator of the class label and of D_k (the model's
+denoisers; x_0 from the held-out split, "immse", and from the generated samples,
+"immse_model"; a reference's exact denoisers) with the differences in summary.json
+("immse"). Writes into --out: summary.json (the mixture experiment's schema, plus
+"classes"), curves.npz, class_entropy_rate.png, entropy_rate.png, posterior_paths.png,
+posterior_heatmap.png, class_information.png (with I-MMSE). A reference model (a mixture: `gaussian` or
 `empirical`, experiments/cifar10/references.py) adds forward Monte Carlo and the exact state
 posterior along the same trajectories; --compare-references analyses both references of the
 checkpoint's training images with the same settings and adds references.png and the
@@ -33,6 +37,7 @@ PROG = "python -m experiments.cifar10 analyze"
 OUTPUTS = ("summary.json", "curves.npz", "class_entropy_rate.png", "entropy_rate.png",
            "posterior_paths.png", "posterior_heatmap.png")
 COMPARISON_OUTPUTS = ("references.png",)  # with --compare-references
+IMMSE_OUTPUTS = ("class_information.png",)  # with I-MMSE (the default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +66,8 @@ class AnalyzeConfig:
     num_resamples: int = 200
     paths_per_class: int = 2
     num_snapshots: int = 6
+    immse: bool = True
+    immse_samples_per_class: int | None = None  # held-out images per class (None: --samples-per-class, or fewer)
     overwrite: bool = False
     progress: bool = True
 
@@ -107,6 +114,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bandwidth", type=float, default=AnalyzeConfig.bandwidth,
                    help="smoothing of the entropy rates in normalised time")
     p.add_argument("--bootstrap", type=int, default=AnalyzeConfig.num_resamples, help="bootstrap resamples")
+    p.add_argument("--no-immse", action="store_true",
+                   help="skip the I-MMSE cross-check (the class label's H and D_k from the model's denoisers)")
+    p.add_argument("--immse-samples-per-class", type=int, default=None,
+                   help="held-out images per class for I-MMSE (default: --samples-per-class, or as many as the "
+                        "smallest class of the held-out split has)")
     p.add_argument("--out", type=Path, default=AnalyzeConfig.out, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -119,7 +131,8 @@ def config_from_args(a: argparse.Namespace) -> AnalyzeConfig:
         samples_per_class=a.samples_per_class, steps=a.steps,
         variance=a.variance, clip_x0=not a.no_clip, generation=a.generation, guidance=a.guidance, batch_size=a.batch_size,
         use_ema=not a.raw_weights, checkpoint_step=a.checkpoint_step, seed=a.seed, bandwidth=a.bandwidth,
-        num_resamples=a.bootstrap, overwrite=a.overwrite, progress=not a.no_progress)
+        num_resamples=a.bootstrap, immse=not a.no_immse, immse_samples_per_class=a.immse_samples_per_class,
+        overwrite=a.overwrite, progress=not a.no_progress)
 
 
 def run_from_args(a: argparse.Namespace) -> int:
@@ -133,18 +146,21 @@ def run_from_args(a: argparse.Namespace) -> int:
         return status
     report_written(outputs(config), a.out, start)
     for problem in summary["problems"]:
-        if len(summary["estimators"]) == 1:
+        present = [est for est in summary["estimators"] if est in problem["peak_time"]]
+        if len(present) == 1:
             print(f"  {problem['name']:<24s} {describe_times(problem, 'online')}")
             continue
         print(f"  {problem['name']}")
-        for est in summary["estimators"]:
+        for est in present:
             print(f"    {est:<12s} {describe_times(problem, est)}")
+    print_immse(summary)
     references.print_comparison(summary)
     return 0
 
 
 def outputs(config: AnalyzeConfig) -> tuple[str, ...]:
-    return OUTPUTS + (COMPARISON_OUTPUTS if config.compare_references else ())
+    return (OUTPUTS + (IMMSE_OUTPUTS if config.immse else ())
+            + (COMPARISON_OUTPUTS if config.compare_references else ()))
 
 
 def check_sources(config: AnalyzeConfig) -> None:
@@ -159,6 +175,15 @@ def check_sources(config: AnalyzeConfig) -> None:
         raise ValueError("--compare-references holds a checkpoint's network against its references: give --checkpoint")
     if config.num_examples is not None and config.num_examples < 1:
         raise ValueError(f"--num-examples must be >= 1, got {config.num_examples}")
+    if config.immse_samples_per_class is not None:
+        if not config.immse:
+            raise ValueError("--immse-samples-per-class is for I-MMSE; drop it or --no-immse")
+        if config.immse_samples_per_class < 2:
+            raise ValueError(f"--immse-samples-per-class must be >= 2 (for confidence intervals), got "
+                             f"{config.immse_samples_per_class}")
+        if config.reference is not None:
+            raise ValueError("--immse-samples-per-class sets the held-out images of a network; a reference's I-MMSE "
+                             "uses --samples-per-class draws")
 
 
 def run(config: AnalyzeConfig) -> dict:
@@ -182,6 +207,16 @@ def run(config: AnalyzeConfig) -> dict:
     problems = choose_problems(config.problems, model.class_names, model.decision_problems)
     schedule = sampling_schedule(config, model.num_train_steps)
     check_memory(config, model.config, unet.count_params(model.params))
+    held_out = None
+    if config.immse:
+        if not model.has_null:
+            raise ValueError("I-MMSE needs the unconditional eps(x_t, t, null) and this checkpoint was trained "
+                             "without label dropout (no null class); pass --no-immse")
+        held_out = load_held_out(model.dataset, config.data_dir)
+        fewest = int(np.bincount(held_out[1], minlength=model.config.num_classes).min())
+        if config.immse_samples_per_class is not None and config.immse_samples_per_class > fewest:
+            raise ValueError(f"--immse-samples-per-class {config.immse_samples_per_class} is more than the "
+                             f"{fewest} held-out images of the smallest class; ask for at most {fewest}")
     refs = {}
     if config.compare_references:  # built (and their data read) before anything is written
         examples = references.checkpoint_examples(config.checkpoint)
@@ -193,9 +228,9 @@ def run(config: AnalyzeConfig) -> dict:
     with results.staged_outputs(config.out, outputs(config), config.overwrite) as out:
         K = model.config.num_classes
         shape = (model.config.image_size, model.config.image_size, model.config.channels)
-        network = jdi.Network(unet.make_eps_fn(model.config), model.params, shape, K)
+        network = jdi.Network(unet.make_eps_fn(model.config), model.params, shape, K, has_null=model.has_null)
         sampler = make_sampler(config)
-        result = analyze(config, network, schedule, problems, model.class_names, shape, "analyze")
+        result = analyze(config, network, schedule, problems, model.class_names, shape, "analyze", held_out)
         description = f"{model.config_name} on {model.dataset}, step {model.step}"
         settings = {
             "checkpoint": str(config.checkpoint), "checkpoint_step": model.step, "model_config": model.config_name,
@@ -204,7 +239,8 @@ def run(config: AnalyzeConfig) -> dict:
             "posterior": {"online": result.posterior},
             "posterior_note": posterior_note(result.posterior, sampler),
         }
-        compared = {name: (analyze(config, mixture, schedule, problems, model.class_names, shape, name), desc)
+        plain = dataclasses.replace(config, immse=False)  # the references: online curves only
+        compared = {name: (analyze(plain, mixture, schedule, problems, model.class_names, shape, name), desc)
                     for name, (mixture, desc) in refs.items()}
         if compared:
             label = result.curves.index("class")
@@ -270,24 +306,55 @@ def common_settings(config: AnalyzeConfig, schedule, num_train_steps: int) -> di
             "rate_bandwidth": config.bandwidth}
 
 
-def analyze(config: AnalyzeConfig, model, schedule, problems, class_names, shape, desc: str):
+def analyze(config: AnalyzeConfig, model, schedule, problems, class_names, shape, desc: str, held_out=None):
     """`analysis.analyze_model` of a network or a mixture with the options of `config`, with a
-    progress bar."""
+    progress bar (the online run, then the I-MMSE runs). held_out: (x_0, labels, description)
+    of a network's I-MMSE from data."""
     import jax
     from tqdm import tqdm
 
     from jaxdiff_info.analysis import analyze_model
+    from jaxdiff_info.api import Network
 
-    bar = tqdm(total=schedule.num_steps, unit="step", desc=desc, disable=not config.progress, file=sys.stderr)
+    network_runs = 0  # I-MMSE of a network: from data and from its samples, each a pass over the steps
+    if config.immse and isinstance(model, Network):
+        network_runs = (held_out is not None) + (config.generation != "unconditional")
+    total = schedule.num_steps * (1 + network_runs)
+    bar = tqdm(total=total, unit="step", desc=desc, disable=not config.progress, file=sys.stderr)
     try:
         return analyze_model(
             model, schedule, problems, samples_per_class=config.samples_per_class, key=jax.random.key(config.seed),
             sampler=make_sampler(config), generation=config.generation, guidance=config.guidance,
             class_names=class_names, batch_size=config.batch_size, bandwidth=config.bandwidth,
             num_resamples=config.num_resamples, paths_per_class=config.paths_per_class,
-            num_snapshots=config.num_snapshots, progress=cli.with_checkpoint(bar.update), shape=shape)
+            num_snapshots=config.num_snapshots, progress=cli.with_checkpoint(bar.update), shape=shape,
+            immse=config.immse, held_out=None if held_out is None else held_out[:2],
+            held_out_name=held_out[2] if held_out is not None else "", immse_samples_per_class=config.immse_samples_per_class,
+            immse_progress=cli.with_checkpoint(bar.update))
     finally:
         bar.close()
+
+
+def load_held_out(dataset: str, data_dir: Path):
+    """(x_0 in [-1, 1], labels, description) of the held-out split of `dataset`, the x_0 of I-MMSE
+    "from data". ValueError, one line, when it cannot be loaded."""
+    from jaxdiff_info import training
+    from jaxdiff_info.data import load_dataset, to_model_range
+
+    data = load_dataset(dataset, data_dir, split="test", seed=training.DATA_SEED)
+    return to_model_range(data.images), data.labels, f"the held-out {dataset} test split ({len(data)} images)"
+
+
+def print_immse(summary: dict) -> None:
+    """The I-MMSE cross-check at the class label, one line per source of x_0."""
+    for source, entry in summary.get("immse", {}).items():
+        if not isinstance(entry, dict) or "class_label" not in entry:
+            continue
+        row = entry["class_label"]
+        lo, hi = row["half_time_difference_ci95"]
+        print(f"  online vs {entry['estimator']:<11s} max |dH| {row['max_abs_entropy_difference_bits']:.3f} bits at "
+              f"t/T {row['max_abs_entropy_difference_time']:.2f}; half time {row['half_time_difference']:+.3f} "
+              f"(95% CI {lo:+.3f} to {hi:+.3f})")
 
 
 def choose_problems(texts, class_names, named) -> list:
@@ -362,15 +429,16 @@ def write_outputs(out: Path, result, settings: dict, extra: dict | None = None) 
     """summary.json, curves.npz and the figures of one analysis (`jaxdiff_info.analysis.Analysis`);
     extra: {prefix: Curves} also written to curves.npz (e.g. the references' curves)."""
     from jaxdiff_info import plots, results
+    from jaxdiff_info.analysis import immse_differences
 
-    curves = {"online": result.curves}
-    if result.forward_mc is not None:  # a mixture: its exact state posterior, on the same paths and forward
-        curves["online_state"] = result.curves.exact_state
-        curves["forward_mc"] = result.forward_mc
+    curves = result.estimators()
     class_names = list(result.class_names)
     summary = {**settings, "sampler": result.sampler, "class_names": class_names, "estimators": list(curves),
                "methods": results.methods(curves),
                "problems": [results.problem_summary(i, curves) for i in range(len(result.curves.problems))]}
+    cross = immse_differences(result)
+    if cross:
+        summary["immse"] = cross
     if result.class_curves is not None:
         cc = result.class_curves
         summary["classes"] = [
@@ -406,6 +474,9 @@ def write_outputs(out: Path, result, settings: dict, extra: dict | None = None) 
         "posterior_paths.png": plots.snapshot_paths_figure(
             result.time, result.paths, result.path_classes, result.snapshots, class_names, num_train),
     }
+    if "immse" in summary:
+        figures["class_information.png"] = plots.class_information_figure(
+            curves, class_names, f"information about the class per class, online classifier against I-MMSE; {title}")
     if result.class_curves is not None:
         figures["class_entropy_rate.png"] = plots.class_curves_figure(result.class_curves, title)
     else:  # unconditional: the class label's curve only
@@ -414,3 +485,4 @@ def write_outputs(out: Path, result, settings: dict, extra: dict | None = None) 
         results.save_figure(fig, out / name)
         plots.plt.close(fig)
     return summary
+

@@ -188,6 +188,12 @@ class LoadedModel:
     num_train_steps: int
     class_names: tuple[str, ...]
     decision_problems: dict[str, list[list[int]]]
+    label_dropout: float = 0.1  # the training's; 0: the null class was never trained
+
+    @property
+    def has_null(self) -> bool:
+        """Whether eps(x_t, t, null) was trained (label dropout > 0)."""
+        return self.label_dropout > 0
 
 
 def load_checkpoint(checkpoint_dir: str | os.PathLike, *, step: int | None = None,
@@ -236,7 +242,8 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike, *, step: int | None = Non
         manager.close()
     return LoadedModel(config=info.config, config_name=info.config_name, params=params, step=int(step),
                        dataset=info.dataset, num_train_steps=info.num_train_steps,
-                       class_names=info.class_names, decision_problems=info.decision_problems)
+                       class_names=info.class_names, decision_problems=info.decision_problems,
+                       label_dropout=float(info.training.get("label_dropout", 0.1)))
 
 
 def _check_directory(directory: Path, config: TrainConfig) -> tuple[RunInfo | None, int | None]:
