@@ -65,6 +65,7 @@ class Analysis:
     shape: tuple[int, ...] | None = None
     immse: Curves | None = None
     immse_model: Curves | None = None
+    log_prior: np.ndarray | None = None  # (K,) log pi_k of the model
 
     def estimators(self) -> dict[str, Curves]:
         """Every estimator's curves by key: online, online_state and forward_mc (mixtures),
@@ -212,8 +213,9 @@ def analyze_model(
             model if mixture else network, schedule, label, curves, generation, samples_per_class, key,
             bandwidth=bandwidth, num_resamples=num_resamples, batch_size=batch_size, progress=immse_progress,
             held_out=held_out, held_out_name=held_out_name, per_class=immse_samples_per_class)
+    log_prior = np.asarray(model.class_log_weights if mixture else network.log_prior(), np.float64)
     return Analysis(curves, per_class, snapshots, names, sampler.describe(), forward, example_shape, from_data,
-                    from_model)
+                    from_model, log_prior)
 
 
 def information_curves(model, schedule: Schedule, label: DecisionProblem, online: Curves, generation: str,
@@ -251,22 +253,49 @@ def immse_differences(result: Analysis) -> dict:
     """The cross-check of the two estimators (summary.json's "immse"): for each I-MMSE curve of
     the analysis ("data": immse, "model_samples": immse_model), how the online curve of the
     class label differs from it (online minus I-MMSE, `results.curve_differences`) and, per
-    class, how the two D_k differ; {} without I-MMSE."""
+    class, how the two D_k differ; {} without I-MMSE.
+
+    With each, a consistency check: in a model whose unconditional density is the mixture of
+    its class densities, D_k <= -log2 pi_k and I(Y; X_t) <= H(Y). A network's I-MMSE is a KL
+    between its class-conditional and its null-class models, which need not be consistent: the
+    largest t/T at which D_k exceeds its bound (the band's lower edge above it), per class, and
+    at which H(Y | X_t) falls below 0 (the band's upper edge below it), or None where never."""
     online = result.curves
     out = {}
+    bound = -result.log_prior / np.log(2.0) if result.log_prior is not None else None
     for est in ("immse", "immse_model"):
         other = getattr(result, est)
         if other is None:
             continue
         name = other.problems[0].name
+        below_zero = other.time[other.entropy_bits_ci95[0, :, 1] < 0]
         entry = {"estimator": est, "method": other.method, "posterior": other.posterior,
-                 "class_label": {"name": name, **results.curve_differences(online, other, online.index(name), 0)}}
+                 "class_label": {"name": name, **results.curve_differences(online, other, online.index(name), 0),
+                                 "immse_entropy_below_zero_until_time": _latest(below_zero)}}
         if online.class_information_bits is not None:
             entry["classes"] = results.information_differences(online, other, result.class_names)
+            if bound is not None:
+                for k, row in enumerate(entry["classes"]):
+                    over = other.time[other.class_information_bits_ci95[k, :, 0] > bound[k]]
+                    row["bound_bits"] = round(float(bound[k]), 6)
+                    row["immse_above_bound_until_time"] = _latest(over)
         out["data" if est == "immse" else "model_samples"] = entry
     if out:
         out["difference_method"] = "online minus I-MMSE; " + results.DIFFERENCE_METHOD
+        out["consistency"] = CONSISTENCY_NOTE
     return out
+
+
+CONSISTENCY_NOTE = (
+    "D_k <= -log2 pi_k (bound_bits) and H(Y | X_t) >= 0 hold when the unconditional model is the mixture of the "
+    "class models, as for exact denoisers. A network's I-MMSE integrates ||eps(x_t, t, k) - eps(x_t, t, null)||^2, a KL "
+    "between its class and null-class models: where they disagree (e.g. a null class trained on 10% of the labels), it "
+    "keeps growing as t -> 0 where the class is long decided and the pair should agree. *_until_time: the largest t/T "
+    "at which the 95% band is past the bound (None: never); below it the I-MMSE curve is not an entropy.")
+
+
+def _latest(times: np.ndarray) -> float | None:
+    return round(float(times.max()), 6) if times.size else None
 
 
 def kernel_x0(network: Network, schedule: Schedule, sampler: Sampler, guidance: float, params, x_t, t, c):

@@ -58,6 +58,10 @@ def test_writes_every_output(checkpoint, tmp_path, capsys):
         assert entry["posterior"] == "state (network denoisers)"
         assert entry["class_label"]["name"] == "class" and len(entry["class_label"]["half_time_difference_ci95"]) == 2
         assert len(entry["classes"]) == 10 and np.isfinite(entry["classes"][3]["max_abs_information_difference_bits"])
+        assert entry["classes"][3]["bound_bits"] == pytest.approx(np.log2(10))  # D_k <= -log2 pi_k when consistent
+        assert "immse_above_bound_until_time" in entry["classes"][3]
+        assert "immse_entropy_below_zero_until_time" in entry["class_label"]
+    assert "bound_bits" in summary["immse"]["consistency"]
     assert arrays["immse/entropy_bits"].shape == (1, 4) and arrays["immse_model/class_information_bits"].shape == (10, 4)
     assert np.all(np.isfinite(arrays["online/class_information_bits"]))
     printed = capsys.readouterr().out

@@ -107,3 +107,33 @@ def test_a_network_without_null_class_refuses_guidance_and_unconditional_generat
     for kwargs in (dict(guidance=1.0), dict(generation="unconditional")):
         with pytest.raises(ValueError, match="no null class"):
             jdi.online_curves(net, None, SHORT, samples_per_class=2, key=jax.random.key(0), **kwargs)
+
+
+def test_an_inconsistent_null_class_shows_as_information_past_its_bound():
+    """The analysis' consistency check: the mixture as a network is consistent (D_k never past
+    -log2 pi_k, H never below 0); the same network with the null class of another mixture is
+    not, and the check says so."""
+    from jaxdiff_info.analysis import analyze_model, immse_differences
+
+    net, shift = as_network(UNEQUAL, SHORT)
+    other, _ = gmm.centred(jdi.make_mixture([-1.0, 0.5, 1.0], [0.3, 0.3, 0.3], [0.2, 0.5, 0.3]))
+    mixture_eps = gmm.eps_fn(SHORT)
+
+    def wrong_null(params, x, t, k):
+        return jnp.where(k == 3, mixture_eps(other, x, t, 3), mixture_eps(params, x, t, k))
+
+    x0, labels = draws(UNEQUAL, 64, seed=5)
+    checks = {}
+    for name, model in (("consistent", net), ("wrong null", dataclasses.replace(net, eps=wrong_null))):
+        result = analyze_model(model, SHORT, None, samples_per_class=64, key=jax.random.key(2),
+                               sampler=jdi.Sampler("ddpm", "small"), held_out=(x0 - shift, labels),
+                               held_out_name="mixture draws", num_resamples=100)
+        checks[name] = immse_differences(result)
+        assert set(checks[name]) == {"data", "model_samples", "difference_method", "consistency"}
+    for source in ("data", "model_samples"):
+        ok, bad = checks["consistent"][source], checks["wrong null"][source]
+        assert [c["immse_above_bound_until_time"] for c in ok["classes"]] == [None] * 3
+        assert ok["class_label"]["immse_entropy_below_zero_until_time"] is None
+        assert ok["class_label"]["max_abs_entropy_difference_bits"] < 0.15  # the two estimators agree
+        assert any(c["immse_above_bound_until_time"] is not None for c in bad["classes"])
+        assert bad["class_label"]["immse_entropy_below_zero_until_time"] is not None
