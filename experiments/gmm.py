@@ -182,7 +182,7 @@ def run(config: Config) -> dict:
                     raise FloatingPointError(f"non-finite {field} from the {name} estimator")
 
         summary = {
-            "mixture": _mixture_summary(config.spec, mix),
+            "mixture": mixture_summary(config.spec, mix),
             "schedule": {"name": config.schedule, "steps": config.steps},
             "sampler": sampler.describe(),
             "num_samples_per_class": config.num_samples,
@@ -214,7 +214,7 @@ def run(config: Config) -> dict:
                 "x": np.stack([x for _, x, _ in saved]), "log_posterior": np.stack([lp for _, _, lp in saved]),
                 "classes": run.classes})
 
-        class_names = [_component_name(mix, k) for k in range(K)]
+        class_names = [component_name(mix, k) for k in range(K)]
         title = (f"{_mixture_title(mix)}; online: {sampler.describe()}; {config.num_samples} trajectories per class "
                  f"(Monte Carlo estimators), {config.steps} steps")
         figures = {
@@ -231,7 +231,7 @@ def run(config: Config) -> dict:
         return summary
 
 
-def _mixture_summary(spec: dict, mix) -> dict:
+def mixture_summary(spec: dict, mix) -> dict:
     """The mixture as the spec gave it (component order of the spec), weights normalised."""
     weights = np.ones(len(spec["means"])) if spec.get("weights") is None else np.asarray(spec["weights"], np.float64)
     out = {"means": np.asarray(spec["means"], np.float64).tolist()}
@@ -254,7 +254,7 @@ def _mixture_title(mix) -> str:
     return f"{mix.num_classes} {parts} in d = {means.shape[1]}{full}"
 
 
-def _component_name(mix, k: int) -> str:
+def component_name(mix, k: int) -> str:
     m = np.asarray(mix.means[k])
     return f"{m[0]:g}" if m.shape[0] == 1 and mix.singleton_classes else f"class {k}"
 

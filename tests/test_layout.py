@@ -25,6 +25,9 @@ ALLOWED = {
     "analysis": CORE | {"tracking", "api", "results"},
     # exact reference models of a dataset: mixtures
     "references": {"mixture"},
+    # guidance driven by the tracked posterior (DNG), and its metrics against a mixture's exact target
+    "guidance": {"schedule", "tracking"},
+    "removal": {"mixture"},
     # models, data and training: rooms of their own beside the analysis
     "unet": {"schedule"},
     "data": set(),

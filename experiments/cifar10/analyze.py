@@ -115,7 +115,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="smoothing of the entropy rates in normalised time")
     p.add_argument("--bootstrap", type=int, default=AnalyzeConfig.num_resamples, help="bootstrap resamples")
     p.add_argument("--no-immse", action="store_true",
-                   help="skip the I-MMSE cross-check (the class label's H and D_k from the model's denoisers)")
+                   help="skip the I-MMSE cross-check (the class label's H and D_k from the model's denoisers; "
+                        "default: computed beside the online curves)")
     p.add_argument("--immse-samples-per-class", type=int, default=None,
                    help="held-out images per class for I-MMSE (default: --samples-per-class, or as many as the "
                         "smallest class of the held-out split has)")
