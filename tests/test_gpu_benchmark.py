@@ -1,0 +1,182 @@
+"""benchmarks/gpu.py: the smoke run writes every field, atomically; the FLOP counter counts right."""
+
+import contextlib
+import io
+import json
+import math
+import os
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import gpu
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """(results dict, stdout, os.replace calls, out path, folder listing) of one smoke run."""
+    out = tmp_path_factory.mktemp("gpu") / "results.json"
+    replaced = []
+    real_replace = os.replace
+
+    def recording_replace(src, dst):
+        replaced.append((str(src), str(dst)))
+        return real_replace(src, dst)
+
+    stdout = io.StringIO()
+    with mock.patch("os.replace", recording_replace), contextlib.redirect_stdout(stdout):
+        code = gpu.main(["--smoke", "--out", str(out)])
+    assert code == 0
+    return json.loads(out.read_text()), stdout.getvalue(), replaced, out, sorted(p.name for p in out.parent.iterdir())
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from numbers(v)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield obj
+
+
+def test_written_atomically(smoke):
+    r, _, replaced, out, listing = smoke
+    assert listing == [out.name]  # no temporary file left beside it
+    src, dst = replaced[-1]
+    assert dst == str(out) and os.path.dirname(src) == str(out.parent) and src != dst
+    assert not os.path.exists(src)
+
+
+def test_top_level_fields(smoke):
+    r = smoke[0]
+    assert r["smoke"] is True
+    for key in ("date", "provenance", "flops_method", "memory_method", "peak_source"):
+        assert isinstance(r[key], str) and r[key]
+    assert r["device"]["device_kind"] == jax.devices()[0].device_kind
+    assert r["device"]["platform"] == jax.devices()[0].platform
+    assert r["versions"]["jax"] == jax.__version__
+    assert r["anchor"]["images_per_s"] == 21 * 128 and r["target_images_per_s_bf16"] == 8000
+    assert r["peak_bf16_flops_per_s"] == gpu.peak_bf16_flops(jax.devices()[0].device_kind)
+    assert positive(r["wall_s"]) and r["repeats"] >= 2
+    assert all(math.isfinite(x) and x >= 0 for x in numbers(r))
+
+
+def test_train_fields(smoke):
+    r = smoke[0]
+    t = r["train"]
+    for key in ("batch", "num_params", "forward_flops_per_image", "train_flops_per_image", "anchor_ratio_bf16",
+                "wall_s"):
+        assert positive(t[key]), key
+    # XLA's cost analysis of the lowered step: there on the CPU; null elsewhere if a backend has none
+    assert positive(t["xla_flops_per_image"]) or (t["xla_flops_per_image"] is None and r["device"]["accelerator"])
+    # forward + backward: about 3 x the forward (the first convolution has no input gradient)
+    assert 2.5 < t["train_flops_per_image"] / t["forward_flops_per_image"] <= 3.0
+    for dtype in ("float32", "bfloat16"):
+        v = t[dtype]
+        for key in ("compile_s", "warmup_s", "steps_per_s", "images_per_s", "tflops_per_s", "compiled_bytes"):
+            assert positive(v[key]), (dtype, key)
+        assert positive(v["step"]["median_s"]) and len(v["step"]["all_s"]) == r["repeats"]
+        assert v["images_per_s"] == pytest.approx(t["batch"] / v["step"]["median_s"])
+        assert v["tflops_per_s"] * 1e12 == pytest.approx(t["train_flops_per_image"] * v["images_per_s"])
+        assert v["loss_finite"] is True
+        if r["peak_bf16_flops_per_s"] is None:
+            assert v["fraction_of_bf16_peak"] is None
+        else:
+            assert positive(v["fraction_of_bf16_peak"])
+        if jax.devices()[0].memory_stats() is None:
+            assert v["peak_bytes_in_use"] is None and "unavailable" in r["memory_stats"]
+        else:
+            assert positive(v["peak_bytes_in_use"])
+    assert t["target_met_bf16"] is None  # judged on the full run only
+
+
+def test_analyze_fields(smoke):
+    a = smoke[0]["analyze"]
+    K = a["num_classes"]
+    runs = {(v["trajectories"], v["compute_dtype"]): v for v in a["runs"]}
+    assert set(runs) == {(n, d) for n in gpu.SMOKE.trajectories for d in ("float32", "bfloat16")}
+    for (n, _), v in runs.items():
+        assert v["images_per_call"] == n * K
+        for key in ("compile_s", "warmup_s", "trajectory_steps_per_s", "images_per_s", "tflops_per_s",
+                    "compiled_bytes"):
+            assert positive(v[key]), key
+        assert v["trajectory_steps_per_s"] == pytest.approx(n / v["step"]["median_s"])
+        assert v["finite"] is True
+    assert "compute_dtype" in a["bf16_via"] and positive(a["wall_s"])
+
+
+def test_mixture_fields(smoke):
+    m = smoke[0]["mixture"]
+    assert (m["N"], m["d"], m["K"], m["T"]) == gpu.SMOKE.mixture
+    assert [v["key_impl"] for v in m["runs"]] == ["threefry2x32 (default)", gpu.FAST_IMPL]
+    for v in m["runs"]:
+        for key in ("compile_s", "warmup_s", "steps_per_s", "trajectory_steps_per_s"):
+            assert positive(v[key]), key
+        assert v["steps_per_s"] == pytest.approx(m["T"] / v["loop"]["median_s"])
+
+
+def test_table_printed(smoke):
+    text = smoke[1]
+    assert "21 steps/s at batch 128 (~2,700 images/s) on a TPU v3-8" in text
+    assert ">= 8,000 images/s bf16" in text
+    for needle in ("training,", "bfloat16", "trajectory-steps/s", "mixture tracking loop", "written to"):
+        assert needle in text
+
+
+def test_flop_count_by_hand():
+    # 3x3 SAME convolution, 4 -> 5 channels on 2 x 6 x 6: 2 x (2*6*6*5 outputs) x (4*3*3) multiply-adds
+    x, w = jnp.ones((2, 6, 6, 4)), jnp.ones((3, 3, 4, 5))
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",  # noqa: E731
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert gpu.matmul_flops(jax.make_jaxpr(conv)(x, w)) == 2 * (2 * 6 * 6 * 5) * (4 * 9)
+    # its gradients: the same count again for each of d/dx and d/dw
+    grads = jax.make_jaxpr(jax.grad(lambda x, w: conv(x, w).sum(), argnums=(0, 1)))(x, w)
+    assert gpu.matmul_flops(grads) == 3 * 2 * (2 * 6 * 6 * 5) * (4 * 9)
+    # a stride-2 convolution: its input gradient runs over the output gradient dilated by 2,
+    # whose inserted zeros do no work, so d/dx and d/dw cost the forward's count each again
+    strided = lambda x, w: jax.lax.conv_general_dilated(x, w, (2, 2), "SAME",  # noqa: E731
+                                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    forward = 2 * (2 * 3 * 3 * 5) * (4 * 9)
+    assert gpu.matmul_flops(jax.make_jaxpr(strided)(x, w)) == forward
+    grads = jax.make_jaxpr(jax.grad(lambda x, w: strided(x, w).sum(), argnums=(0, 1)))(x, w)
+    assert gpu.matmul_flops(grads) == 3 * forward
+    # a batched matmul inside a scan of 7 steps and a cond (the larger branch counts)
+    a = jnp.ones((3, 4, 5))
+
+    def body(c, _):
+        c = jax.lax.cond(c.sum() > 0, lambda c: jnp.einsum("bij,bjk->bik", c, jnp.ones((3, 5, 5))), lambda c: c, c)
+        return c, None
+
+    scanned = jax.make_jaxpr(lambda a: jax.lax.scan(body, a, None, length=7)[0])(a)
+    assert gpu.matmul_flops(scanned) == 7 * 2 * (3 * 4 * 5) * 5
+
+
+def test_peak_table():
+    assert gpu.peak_bf16_flops("NVIDIA H200") == 989e12
+    assert gpu.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu.peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu.peak_bf16_flops("NVIDIA H100 PCIe") is None
+    assert gpu.peak_bf16_flops("cpu") is None
+
+
+def test_full_run_refused_without_accelerator(tmp_path, capsys):
+    if jax.devices()[0].platform != "cpu":
+        pytest.skip("an accelerator is present: the full run would start")
+    out = tmp_path / "never.json"
+    assert gpu.main(["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no accelerator" in err and "--smoke" in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_bad_parts():
+    with pytest.raises(SystemExit):
+        gpu.parse_args(["--smoke", "--parts", "train,sampling"])
