@@ -149,9 +149,9 @@ def available_memory() -> tuple[int, str]:
     within a cgroup's limit), (n, " on gpu") for an accelerator's (JAX's default device)."""
     import jax
 
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
-        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0)), f" on {jax.devices()[0].platform}"
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0)), f" on {jax.local_devices()[0].platform}"
     return host_memory(), ""
 
 

@@ -28,6 +28,7 @@ from jaxdiff_info import results
 from jaxdiff_info.api import Network, forward_mc_curves, generating_classes, immse_curves, online_curves, recorded_paths
 from jaxdiff_info.curves import Curves, class_curves
 from jaxdiff_info.decisions import DecisionProblem, class_label
+from jaxdiff_info.distributed import check_split, to_host
 from jaxdiff_info.schedule import Sampler, Schedule, eps_to_x0
 from jaxdiff_info.tracking import guided
 
@@ -140,7 +141,8 @@ def analyze_model(
 
     problems: decision problems over the K classes; the class label is put first when it is
     not among them (its per-class curves are `class_curves`). Trajectories are split over all
-    local devices when they divide evenly. The other arguments are those of `online_curves`;
+    devices (of all processes, under jax.distributed) when they divide evenly; several
+    processes need them to. The other arguments are those of `online_curves`;
     num_snapshots: times (evenly spaced steps, T and 0 included) at which the predicted x_0 of
     the recorded trajectories is kept.
 
@@ -188,7 +190,7 @@ def analyze_model(
         x0 = x if t == 0 else predict_x0(params, x_model, t, jnp.asarray(generating[path_index]))
         if shift is not None and t > 0:
             x0 = x0 + jnp.asarray(shift, x0.dtype)
-        x, x0 = np.asarray(x), np.asarray(x0)
+        x, x0 = to_host((x, x0))
         if example_shape is not None:
             x, x0 = x.reshape(x.shape[0], *example_shape), x0.reshape(x0.shape[0], *example_shape)
         snapshots.append((t, x, x0))
@@ -326,9 +328,11 @@ def posterior_note(posterior: str, sampler: Sampler) -> str:
 
 
 def trajectory_sharding(num: int):
-    """Data-parallel over all local devices when `num` trajectories split evenly (else None)."""
+    """Data-parallel over all devices of all processes: when `num` trajectories split evenly
+    over them (else None); several processes need them to (ValueError, one line)."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+    check_split(num)
     devices = jax.devices()
     if len(devices) < 2 or num % len(devices):
         return None

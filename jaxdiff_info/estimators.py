@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxdiff_info import mixture as gmm
 from jaxdiff_info.decisions import batch_problem_entropy_bits, entropy_bits
+from jaxdiff_info.distributed import to_host
 from jaxdiff_info.schedule import Schedule
 from jaxdiff_info.tracking import Tracker, TrackState, step_chunks
 
@@ -283,7 +284,7 @@ def online_block_sums(
     outputs = []
     for ts in step_chunks(num_steps, chunk):
         state, out = run(params, state, classes, jnp.asarray(ts))
-        outputs.append(out)
+        outputs.append(to_host(out))  # sharded over the devices of several processes: gathered
         if progress is not None:
             jax.block_until_ready(state)  # count the chunk when it is done, not when dispatched
             progress(int(np.count_nonzero(ts)))
@@ -291,4 +292,5 @@ def online_block_sums(
             after_chunk(int(ts[ts > 0][-1]) - 1, state)
     out = jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:num_steps][::-1], *outputs)
     sums, state_sums, paths = out
-    return OnlineRun(sums, np.asarray(state.x), np.asarray(state.log_posterior), paths, state_block_sums=state_sums)
+    x_0, log_posterior = to_host((state.x, state.log_posterior))
+    return OnlineRun(sums, x_0, log_posterior, paths, state_block_sums=state_sums)

@@ -18,20 +18,22 @@ ALLOWED = {
     "curves": {"decisions"},
     # the tracker and the estimators on it
     "tracking": {"schedule"},
-    "estimators": CORE | {"tracking"},
+    "distributed": set(),  # several processes: start, gather to the host, who writes
+    "estimators": CORE | {"tracking", "distributed"},
     "immse": CORE | {"tracking", "estimators"},
     # the research API on those, the image analysis on the API
     "api": CORE | {"tracking", "estimators", "immse"},
-    "analysis": CORE | {"tracking", "api", "results"},
+    "analysis": CORE | {"tracking", "api", "results", "distributed"},
     # exact reference models of a dataset: mixtures
     "references": {"mixture"},
     # guidance driven by the tracked posterior (DNG), and its metrics against a mixture's exact target
     "guidance": {"schedule", "tracking"},
     "removal": {"mixture"},
+    "guidance_plots": {"mixture", "removal", "curves", "plots"},
     # models, data and training: rooms of their own beside the analysis
     "unet": {"schedule"},
     "data": set(),
-    "training": {"schedule", "tracking", "unet", "data", "plots", "results"},
+    "training": {"schedule", "tracking", "unet", "data", "plots", "results", "distributed"},
     # the output edge
     "plots": {"curves", "decisions"},
     "results": {"curves", "decisions"},

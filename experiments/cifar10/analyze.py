@@ -143,7 +143,7 @@ def run_from_args(a: argparse.Namespace) -> int:
     start = time.perf_counter()
     config = config_from_args(a)
     status, summary = run_command(PROG, lambda: run(config), out=a.out, outputs=outputs(config))
-    if status:
+    if status or summary is None:  # summary None: a process other than 0 of a multi-process run
         return status
     report_written(outputs(config), a.out, start)
     for problem in summary["problems"]:
@@ -191,16 +191,19 @@ def run(config: AnalyzeConfig) -> dict:
     """Analyse the checkpoint (or the reference), write the result files, and return the summary.
 
     The files go into a stage folder beside config.out, created before the analysis and moved
-    into place when all are written (`results.staged_outputs`).
+    into place when all are written (`results.staged_outputs`). Under jax.distributed
+    (`jaxdiff_info.distributed`) every process computes and only process 0 writes; the others
+    return None.
     """
     import jaxdiff_info as jdi
     from experiments.cifar10 import references
-    from jaxdiff_info import plots, results, training, unet
+    from jaxdiff_info import distributed, plots, results, training, unet
     from jaxdiff_info.analysis import posterior_note
 
     if config.samples_per_class < 2:
         raise ValueError(f"--samples-per-class must be >= 2, got {config.samples_per_class}")
     check_sources(config)
+    distributed.initialize()
     if config.reference is not None:
         return run_reference(config)
     model = training.load_checkpoint(config.checkpoint, step=config.checkpoint_step, use_ema=config.use_ema)
@@ -226,7 +229,7 @@ def run(config: AnalyzeConfig) -> dict:
             cli.check_memory("--samples-per-class", config.samples_per_class, lambda n, m=mixture: references.bytes_needed(
                 m, n, config.num_snapshots), minimum=2)
             refs[name] = (mixture, description)
-    with results.staged_outputs(config.out, outputs(config), config.overwrite) as out:
+    with output_folder(config) as out:
         K = model.config.num_classes
         shape = (model.config.image_size, model.config.image_size, model.config.channels)
         network = jdi.Network(unet.make_eps_fn(model.config), model.params, shape, K, has_null=model.has_null)
@@ -254,14 +257,14 @@ def run(config: AnalyzeConfig) -> dict:
             results.save_figure(fig, out / "references.png")
             plots.plt.close(fig)
         cli.checkpoint()  # a Ctrl-C lost in a finaliser: the results stay unmoved
-        return summary
+        return summary if distributed.is_primary() else None
 
 
 def run_reference(config: AnalyzeConfig) -> dict:
     """Analyse reference `config.reference` of `config.dataset`: online, with forward Monte
     Carlo and the exact state posterior beside it."""
     from experiments.cifar10 import references
-    from jaxdiff_info import results, unet
+    from jaxdiff_info import distributed, unet
     from jaxdiff_info.analysis import posterior_note
 
     mixture, shape, class_names, named, description = references.load_reference(
@@ -271,7 +274,7 @@ def run_reference(config: AnalyzeConfig) -> dict:
     schedule = sampling_schedule(config, unet.TRAIN_STEPS)
     cli.check_memory("--samples-per-class", config.samples_per_class,
                      lambda n: references.bytes_needed(mixture, n, config.num_snapshots), minimum=2)
-    with results.staged_outputs(config.out, outputs(config), config.overwrite) as out:
+    with output_folder(config) as out:
         result = analyze(config, mixture, schedule, problems, class_names, shape, config.reference)
         sampler = make_sampler(config)
         summary = write_outputs(out, result, {
@@ -283,7 +286,27 @@ def run_reference(config: AnalyzeConfig) -> dict:
             "posterior_note": posterior_note(result.posterior, sampler),
         })
         cli.checkpoint()
-        return summary
+        return summary if distributed.is_primary() else None
+
+
+def output_folder(config: AnalyzeConfig):
+    """Where a run writes: the stage folder of config.out (`results.staged_outputs`) in process
+    0, a private temporary folder, removed afterwards, in the other processes of a
+    multi-process run (they compute the same results and write none)."""
+    import contextlib
+    import tempfile
+
+    from jaxdiff_info import distributed, results
+
+    if distributed.is_primary():
+        return results.staged_outputs(config.out, outputs(config), config.overwrite)
+
+    @contextlib.contextmanager
+    def private():
+        with tempfile.TemporaryDirectory(prefix="jaxdiff-info-") as folder:
+            yield Path(folder)
+
+    return private()
 
 
 def sampling_schedule(config: AnalyzeConfig, num_train_steps: int):

@@ -182,7 +182,7 @@ class LoadedModel:
 
     config: unet.UNetConfig
     config_name: str
-    params: nnx.State  # EMA weights unless use_ema=False; replicated on the local devices
+    params: nnx.State  # EMA weights unless use_ema=False; replicated on every device (of every process)
     step: int
     dataset: str
     num_train_steps: int
@@ -201,8 +201,8 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike, *, step: int | None = Non
     """The network of a training directory: its config (from config.json) and weights.
 
     step: which checkpoint (default the latest); use_ema: the EMA weights (default) or the
-    raw ones. The parameters are restored replicated on this process's devices, whatever
-    devices wrote them. ValueError, one line, when the directory, config.json or the
+    raw ones. The parameters are restored replicated on every device of every process (under
+    jax.distributed, all processes must call it), whatever devices wrote them. ValueError, one line, when the directory, config.json or the
     checkpoint is missing or unreadable.
     """
     import orbax.checkpoint as ocp
@@ -226,7 +226,7 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike, *, step: int | None = Non
         elif step not in steps:
             raise ValueError(f"{directory} has no checkpoint of step {step}; available: "
                              f"{', '.join(map(str, steps))}")
-        mesh = data_mesh(jax.local_devices())
+        mesh = data_mesh()  # every device of every process: one process, or all of a jax.distributed job
         rep = _replicated(mesh)
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
                               unet.abstract_params(info.config))

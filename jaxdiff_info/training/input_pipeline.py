@@ -16,43 +16,21 @@ the permutation ``numpy.random.default_rng((seed, e))``, in batches, dropping th
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxdiff_info import distributed
 from jaxdiff_info.data import Dataset
-from jaxdiff_info.training.config import _one_line
 
 
 def initialize_distributed() -> bool:
-    """Start ``jax.distributed`` when the environment describes a multi-process job.
-
-    Explicitly, with JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
-    JAX_PROCESS_ID; or by JAX's own detection under Slurm (SLURM_NTASKS > 1) or Open MPI
-    (OMPI_COMM_WORLD_SIZE > 1). Otherwise nothing happens. Must run before any JAX
-    computation. Returns whether JAX runs distributed.
-    """
-    if jax.distributed.is_initialized():
-        return True
-    env = os.environ
-    try:
-        if env.get("JAX_COORDINATOR_ADDRESS"):
-            try:
-                num_processes, process_id = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
-            except (KeyError, ValueError):
-                raise ValueError("JAX_COORDINATOR_ADDRESS is set: set JAX_NUM_PROCESSES and JAX_PROCESS_ID "
-                                 "to integers too (or unset it for a single-process run)") from None
-            jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], num_processes, process_id)
-        elif int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-            jax.distributed.initialize()
-        else:
-            return False
-    except RuntimeError as e:
-        raise ValueError(f"cannot start jax.distributed ({_one_line(e)}); it must start before any JAX "
-                         "computation") from None
-    return True
+    """Start ``jax.distributed`` when the environment describes a multi-process job
+    (`jaxdiff_info.distributed.initialize`: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID, or Slurm and Open MPI detection). Must run before any JAX computation.
+    Returns whether JAX runs distributed."""
+    return distributed.initialize()
 
 
 def data_mesh(devices=None) -> Mesh:
