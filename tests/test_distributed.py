@@ -1,0 +1,179 @@
+"""Several processes on 127.0.0.1 (jax.distributed, gloo collectives on the CPU): `analyze` and
+`train` give the numbers of one process with as many devices, only process 0 writes, a dead
+process ends the others, and a job the environment cannot describe is one line, exit 2."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxdiff_info import distributed, training, unet
+
+REPO = Path(__file__).resolve().parents[1]
+MICRO = unet.UNetConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
+                        num_classes=10, image_size=8, channels=1, num_groups=4)
+# the CLI in a subprocess, with the micro network registered for `train --config micro`
+CLI = textwrap.dedent("""
+    import sys
+    from jaxdiff_info import unet
+    unet.CONFIGS["micro"] = unet.UNetConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                                            dropout=0.0, num_classes=10, image_size=8, channels=1, num_groups=4)
+    from experiments.cifar10.__main__ import main
+    sys.exit(main(sys.argv[1:]))
+""")
+ANALYZE = ["analyze", "--steps", "6", "--samples-per-class", "2", "--bootstrap", "10", "--no-progress"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def environment(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS"))}
+    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **extra}
+
+
+def launch(args, processes: int, port: int, **extra):
+    """`processes` processes of the CLI with the job's environment (Popen objects)."""
+    return [subprocess.Popen([sys.executable, "-c", CLI, *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env=environment(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                             JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i), **extra))
+            for i in range(processes)]
+
+
+def finish(procs, timeout=600):
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=timeout)
+        out.append((p.returncode, stdout, stderr))
+    return out
+
+
+def one_process(args, devices: int):
+    return subprocess.run([sys.executable, "-c", CLI, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=environment(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ckpt") / "micro-digits"
+    training.train(training.TrainConfig(model="micro", unet=MICRO, dataset="digits", checkpoint_dir=directory,
+                                        num_examples=64, steps=2, batch_size=8, lr=1e-3, warmup=1, save_every=2,
+                                        samples_per_class=0, log_every=1), progress=False)
+    return directory
+
+
+# --- the environment -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("env, message", [
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1"}, "must be host:port"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:99999"}, "must be host:port"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_NUM_PROCESSES": "2"}, "set JAX_NUM_PROCESSES and JAX_PROCESS_ID"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+     "JAX_PROCESS_ID must be in 0..1 for JAX_NUM_PROCESSES=2, got 2"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_NUM_PROCESSES": "0", "JAX_PROCESS_ID": "0"},
+     "JAX_NUM_PROCESSES must be >= 1"),
+    ({"JAXDIFF_INFO_HEARTBEAT_TIMEOUT": "soon"}, "JAXDIFF_INFO_HEARTBEAT_TIMEOUT must be a whole number"),
+])
+def test_a_job_the_environment_cannot_describe_is_one_line(env, message):
+    with pytest.raises(ValueError, match=message) as err:
+        distributed.initialize(env)
+    assert "\n" not in str(err.value)
+
+
+def test_an_unreachable_coordinator_is_one_line():
+    port = free_port()
+    env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1",
+           "JAXDIFF_INFO_CONNECT_TIMEOUT": "1"}
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=f"cannot reach the coordinator at JAX_COORDINATOR_ADDRESS 127.0.0.1:{port} "
+                                         "within 1 s"):
+        distributed.initialize(env)
+    assert time.monotonic() - start < 10
+    # process 0 on an address it cannot listen on (TEST-NET-3, not this machine's)
+    with pytest.raises(ValueError, match="process 0 cannot listen on JAX_COORDINATOR_ADDRESS 203.0.113.7"):
+        distributed.initialize({**env, "JAX_COORDINATOR_ADDRESS": "203.0.113.7:1234", "JAX_PROCESS_ID": "0"})
+    assert not distributed.initialize({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_NUM_PROCESSES": "1",
+                                       "JAX_PROCESS_ID": "0"})  # a job of one process: nothing to start
+
+
+def test_the_cli_refuses_a_bad_job_with_exit_2(checkpoint, tmp_path):
+    out = tmp_path / "o"
+    r = subprocess.run([sys.executable, "-c", CLI, *ANALYZE, "--checkpoint", str(checkpoint), "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=environment(JAX_COORDINATOR_ADDRESS="127.0.0.1:1234", JAX_NUM_PROCESSES="2",
+                                       JAX_PROCESS_ID="3"))
+    assert r.returncode == 2 and "JAX_PROCESS_ID must be in 0..1" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+# --- two processes against one -----------------------------------------------------------------
+
+def test_analyze_on_two_processes_is_one_process_with_two_devices(checkpoint, tmp_path):
+    shared = tmp_path / "shared"  # both processes are given the same --out, as on a cluster file system
+    args = [*ANALYZE, "--checkpoint", checkpoint, "--out", shared]
+    results = finish(launch(args, 2, free_port()))
+    assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
+    assert "wrote summary.json" in results[0][1]
+    assert [line for line in results[1][1].splitlines() if not line.startswith("[Gloo]")] == []  # process 1: silent
+    single = tmp_path / "single"
+    r = one_process([*ANALYZE, "--checkpoint", checkpoint, "--out", single], devices=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = np.load(shared / "curves.npz"), np.load(single / "curves.npz")
+    assert set(a.files) == set(b.files) and "online/entropy_bits" in a.files and "immse/entropy_bits" in a.files
+    for key in a.files:
+        if a[key].dtype.kind == "f":
+            np.testing.assert_allclose(a[key], b[key], atol=1e-5, err_msg=key)
+        else:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert json.loads((shared / "summary.json").read_text())["problems"] == \
+        json.loads((single / "summary.json").read_text())["problems"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared", "single"]  # no stage or stray folder
+
+
+def test_trajectories_that_do_not_split_over_the_processes_are_one_line(checkpoint, tmp_path):
+    args = [*ANALYZE, "--checkpoint", checkpoint, "--out", tmp_path / "o", "--samples-per-class", "3",
+            "--problem", "0 vs 1=0|1"]
+    results = finish(launch(args, 2, free_port(), XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    for code, _, err in results:
+        assert code == 2 and "30 trajectories do not split over the 4 devices of 2 processes" in err
+    assert not (tmp_path / "o").exists()
+
+
+TRAIN = ["train", "--config", "micro", "--dataset", "digits", "--num-examples", "64", "--steps", "3",
+         "--batch-size", "8", "--lr", "1e-3", "--warmup", "1", "--log-every", "1", "--save-every", "3",
+         "--samples-per-class", "0", "--no-progress"]
+
+
+@pytest.mark.slow  # two trainings in subprocesses: ~1 min on 2 cores
+def test_train_on_two_processes_is_one_process_with_two_devices(tmp_path):
+    results = finish(launch([*TRAIN, "--checkpoint-dir", tmp_path / "two"], 2, free_port()))
+    assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
+    r = one_process([*TRAIN, "--checkpoint-dir", tmp_path / "one"], devices=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    loss = lambda d: [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    np.testing.assert_allclose(loss(tmp_path / "two"), loss(tmp_path / "one"), rtol=1e-6)
+
+
+@pytest.mark.slow  # waits for the heartbeat timeout
+def test_a_process_that_dies_ends_the_others(checkpoint, tmp_path):
+    args = [*ANALYZE, "--checkpoint", checkpoint, "--out", tmp_path / "o", "--steps", "1000", "--no-immse"]
+    procs = launch(args, 2, free_port(), JAXDIFF_INFO_HEARTBEAT_TIMEOUT="10")
+    time.sleep(25)  # started and computing
+    procs[1].kill()
+    start = time.monotonic()
+    code, _, err = finish(procs[:1], timeout=120)[0]
+    assert code != 0 and time.monotonic() - start < 90
+    assert "another task died" in err or "distributed service detected fatal errors" in err, err[-2000:]
+    assert not list((tmp_path / "o").glob("*.json")) and not list((tmp_path / "o").glob("*.npz"))  # nothing written
+    procs[1].communicate()
