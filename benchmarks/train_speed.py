@@ -744,11 +744,11 @@ def main(argv=None) -> None:
             rows.append((name, batch, times, {w.variant: w.ready for w in workers}))
 
     med = lambda ts: statistics.median(ts)  # noqa: E731
-    say(f"\n## results: median over repetitions; images/s = batch x steps/s; ratio = JAX steps/s / "
+    say("\n## results: median over repetitions; images/s = batch x steps/s; ratio = JAX steps/s / "
         "PyTorch steps/s")
     if jax_main and torch_main:
         say(f"JAX = {LABELS[jax_main]} ({jax_main}), PyTorch = {LABELS[torch_main]} ({torch_main})\n")
-        header = (f"| config | batch | JAX steps/s | JAX img/s | torch steps/s | torch img/s | JAX/torch |")
+        header = ("| config | batch | JAX steps/s | JAX img/s | torch steps/s | torch img/s | JAX/torch |")
         say(header)
         say("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
         for name, batch, times, _ in rows:

@@ -10,7 +10,6 @@ chosen from this output.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Sequence
 

@@ -3,9 +3,12 @@ prompting and the exact answer.
 
     python -m experiments.guidance                             # the paper's points, without 6
     python -m experiments.guidance --spec mixture.json --remove 0,2
+    python -m experiments.guidance --checkpoint checkpoints/tiny-digits --remove 1   # a trained model
+    python -m experiments.guidance decisions --weights 0,0.5,1,2,4    # how CFG moves the decisions
 
-Writes into --out: summary.json, samples.npz, density.png, class_fractions.png,
-guidance_paths.png. See the README for the schema.
+Writes into --out: summary.json, samples.npz, density.png (samples.png with --checkpoint: the
+metrics judged by a classifier, experiments.guidance_images), class_fractions.png,
+guidance_paths.png; the decisions command: experiments.guidance_decisions. See the README.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import numpy as np
 from experiments import cli, enable_compilation_cache
 from experiments.cli import Parser, report_written, run_command
 from experiments.gmm import FIXED_BYTES, PAPER_SPEC, component_name, mixture_summary, build_problem, load_spec
+from experiments.guidance_images import METHODS as IMAGE_METHODS
+from experiments.guidance_images import OUTPUTS as IMAGE_OUTPUTS
 
 OUTPUTS = ("summary.json", "samples.npz", "density.png", "class_fractions.png", "guidance_paths.png")
 METHODS = ("dng", "dng_published", "negative", "exact")
@@ -54,7 +59,7 @@ METRICS = {
 class Config:
     """Everything one run depends on; the CLI builds it."""
 
-    spec: dict
+    spec: dict | None
     remove: tuple[str, ...] = PAPER_REMOVE
     methods: tuple[str, ...] = METHODS
     scales: tuple[tuple[str, tuple[float, ...]], ...] = tuple(DEFAULT_SCALES.items())
@@ -71,6 +76,8 @@ class Config:
     p_max: float = 0.99
     overwrite: bool = False
     progress: bool = True
+    checkpoint: Path | None = None  # a trained network in place of the mixture (experiments.guidance_images)
+    data_dir: Path = Path("data")
 
 
 # --- input --------------------------------------------------------------------------------------
@@ -124,11 +131,15 @@ def npz_key(method: str, scale: float | None, default: bool) -> str:
 def run(config: Config) -> dict:
     """Sample with every method and scale, measure against p(x | not C), write the outputs
     (all together, `results.staged_outputs`), and return the summary."""
+    if config.checkpoint is not None:
+        from experiments import guidance_images
+
+        return guidance_images.run(config, scales_of(config), resolve_classes)
     import jax
     from tqdm import tqdm
 
     import jaxdiff_info as jdi
-    from jaxdiff_info import api, guidance, mixture, plots, removal, results
+    from jaxdiff_info import api, guidance, guidance_plots, mixture, plots, removal, results
     from jaxdiff_info.schedule import make_schedule
 
     mix, _ = build_problem(config.spec)
@@ -211,9 +222,9 @@ def run(config: Config) -> dict:
         results.write_npz(out / "samples.npz", samples)
         time_grid = np.asarray(schedule.time)[::-1]  # generation order
         figures = {
-            "density.png": _density_figure(mix, mask, samples, names),
-            "class_fractions.png": _fractions_figure(entries, kept, removal.target_weights(mix, mask)),
-            "guidance_paths.png": _paths_figure(time_grid, paths, names, remove),
+            "density.png": guidance_plots.density_figure(mix, mask, samples, names),
+            "class_fractions.png": guidance_plots.fractions_figure(entries, kept, removal.target_weights(mix, mask)),
+            "guidance_paths.png": guidance_plots.paths_figure(time_grid, paths, names, remove),
         }
         for name, fig in figures.items():
             results.save_figure(fig, out / name)
@@ -249,100 +260,6 @@ def bytes_needed(mix, num_samples: int, steps: int) -> int:
     return FIXED_BYTES + n * per + pairwise + 8 * steps * 64
 
 
-# --- figures ------------------------------------------------------------------------------------
-
-def _first_coordinate(mix):
-    """The first coordinate's marginal, itself a 1-D mixture."""
-    import jax.numpy as jnp
-
-    from jaxdiff_info import mixture
-
-    var0 = np.asarray(mix.stds, np.float64) ** 2
-    if mix.basis is not None:
-        var0 = var0 + np.sum(np.asarray(mix.spectrum, np.float64) * np.asarray(mix.basis, np.float64)[:, 0, :] ** 2, -1)
-    return mixture.GaussianMixture(mix.means[:, :1], jnp.asarray(np.sqrt(var0), jnp.float32), mix.log_weights)
-
-
-def _density_figure(mix, mask, samples, names):
-    """Per method (default scale): a histogram of the samples against the target's exact mass
-    per bin, F(b_{i+1}) - F(b_i) over the bin width (point components included)."""
-    from jaxdiff_info import removal
-    from jaxdiff_info.plots import plt
-
-    first = _first_coordinate(mix)
-    target = removal.without_classes(first, mask)
-    means = np.asarray(first.means)[:, 0]
-    spread = 4.0 * float(np.asarray(first.stds).max()) + 2.0
-    lo, hi = means.min() - spread, means.max() + spread
-    bins = np.linspace(lo, hi, 161)
-    exact = np.diff(removal.mixture_cdf(target, bins)) / np.diff(bins)
-    keys = [k for k in samples if "/" not in k]
-    fig, axes = plt.subplots(len(keys), 1, figsize=(7.5, 1.9 * len(keys)), sharex=True, squeeze=False)
-    for ax, key in zip(axes[:, 0], keys):
-        x = samples[key][:, 0]
-        outside = int(np.sum((x < lo) | (x > hi)))
-        ax.hist(np.clip(x, lo, hi), bins=bins, weights=np.full(x.size, 1.0 / (x.size * np.diff(bins)[0])),
-                color="tab:blue", alpha=0.6, label="samples")
-        ax.stairs(exact, bins, color="black", lw=1.0, label="p(x | not C), exact")
-        for k in np.flatnonzero(mask):
-            ax.axvline(float(np.asarray(mix.means)[k, 0]), color="tab:red", ls=":", lw=1.0)
-        note = f"; {outside} of {x.size} outside the axis (clipped to its ends)" if outside else ""
-        ax.set_title(f"{key}{note}", fontsize=9)
-        ax.set_yscale("symlog", linthresh=1e-2)
-    axes[0, 0].legend(fontsize=8)
-    axes[-1, 0].set_xlabel("x_0" if mix.dim == 1 else "first coordinate of x_0")
-    removed = ", ".join(names[k] for k in np.flatnonzero(mask))
-    fig.suptitle(f"samples without {removed} (red: removed class means)", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def _fractions_figure(entries, kept, q):
-    from jaxdiff_info.plots import plt
-
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(kept) + 0.5 * len(entries)), 3.4))
-    width = 0.8 / (len(entries) + 1)
-    x = np.arange(len(kept))
-    ax.bar(x - 0.4 + 0.5 * width, q, width, color="white", edgecolor="black", label="target q_k")
-    for i, e in enumerate(entries):
-        f = np.array([e["class_fractions"][k] for k in kept])
-        ci = np.array([e["class_fractions_ci95"][k] for k in kept])
-        label = e["method"] if e["scale"] is None else f"{e['method']} {e['scale']:g}"
-        ax.bar(x - 0.4 + (i + 1.5) * width, f, width, yerr=np.abs(ci.T - f), capsize=2,
-               label=f"{label} (forbidden {e['forbidden_fraction']:.3f})")
-    ax.set_xticks(x, kept)
-    ax.set_xlabel("remaining class")
-    ax.set_ylabel("fraction of samples")
-    ax.legend(fontsize=7, ncols=2)
-    fig.tight_layout()
-    return fig
-
-
-def _paths_figure(time_grid, paths, names, remove):
-    """Tracked P(C | x_t) and the effective scale along the trajectories, generation right to left."""
-    from jaxdiff_info.plots import TIME_LABEL, plt
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 6.0), sharex=True)
-    for i, (key, run) in enumerate(paths.items()):
-        color = f"C{i % 10}"
-        top.plot(time_grid, np.asarray(run.removed_probability), color=color, lw=1.4, label=f"{key}: mean")
-        p_paths = np.exp(np.asarray(run.path_log_posterior)[:, :, remove]).sum(-1)
-        top.plot(time_grid, p_paths[:, :4], color=color, lw=0.5, alpha=0.5)
-        stats = np.asarray(run.effective_scale)
-        bottom.plot(time_grid, np.maximum(stats[:, 0], 1e-6), color=color, lw=1.4, label=f"{key}: mean")
-        bottom.plot(time_grid, np.maximum(stats[:, 1], 1e-6), color=color, lw=1.0, ls="--", label=f"{key}: median")
-    top.set_ylabel("tracked P(C | x_t, ..., x_T)")
-    top.set_title(f"C = {{{', '.join(names[k] for k in remove)}}}; thin: single trajectories", fontsize=9)
-    top.legend(fontsize=7, ncols=2)
-    bottom.set_yscale("log")
-    bottom.set_ylabel("effective scale  lam P/(1-P)  (w)")
-    bottom.set_xlabel(TIME_LABEL)
-    bottom.legend(fontsize=7, ncols=2)
-    top.invert_xaxis()
-    fig.tight_layout()
-    return fig
-
-
 # --- CLI ------------------------------------------------------------------------------------------
 
 PROG = "python -m experiments.guidance"
@@ -376,18 +293,25 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--spec", type=str, default=None,
                    help="mixture JSON, as for python -m experiments.gmm (default: the paper's points at -8, -4, 6, 8)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="a training directory of python -m experiments.cifar10 train (with a null class) in place of "
+                        "a mixture: samples judged by a logistic regression on its dataset (default: none, a mixture)")
+    p.add_argument("--data-dir", type=Path, default=Config.data_dir,
+                   help="with --checkpoint: where cifar10 is read from")
     p.add_argument("--remove", action="append", default=None, metavar="CLASSES",
                    help="classes to generate without: indices or names (the 1-D means, e.g. -8), comma list or "
                         "repeated; index:N or name:X where a token could be either "
                         "(default: 6 for the paper's points; required with --spec)")
-    p.add_argument("--methods", type=str, default=",".join(METHODS),
-                   help=f"comma list of {', '.join(METHODS)} (default: all)")
+    p.add_argument("--methods", type=str, default=None,
+                   help=f"comma list of {', '.join(METHODS)} (default: all); with --checkpoint of "
+                        f"{', '.join(IMAGE_METHODS)} (default: all)")
     p.add_argument("--scales", action="append", default=None, metavar="[METHOD=]S,S,...",
                    help="guidance scales: lam for dng and dng_published, w for negative; METHOD=... for one method, "
                         "else all three; repeatable (default: dng=1, dng_published=1, negative=1,2,4,8; the first "
                         "is the method's default scale)")
     p.add_argument("--num-samples", type=int, default=Config.num_samples, help="samples per method and scale")
-    p.add_argument("--steps", type=int, default=Config.steps, help="diffusion steps T (linear schedule)")
+    p.add_argument("--steps", type=int, default=Config.steps,
+                   help="diffusion steps T (linear schedule; with --checkpoint respaced from the model's)")
     p.add_argument("--seed", type=int, default=Config.seed, help="seed of every random draw")
     p.add_argument("--bootstrap", type=int, default=Config.num_resamples, help="bootstrap resamples")
     p.add_argument("--max-ratio", type=float, default=None,
@@ -402,14 +326,18 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    methods = tuple(dict.fromkeys(_split([a.methods])))
-    unknown = [m for m in methods if m not in METHODS]
+    allowed = METHODS if a.checkpoint is None else IMAGE_METHODS
+    methods = tuple(dict.fromkeys(_split([a.methods or ",".join(allowed)])))
+    unknown = [m for m in methods if m not in allowed]
     if unknown or not methods:
-        p.error(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}" if unknown
+        where = " with --checkpoint (no exact p(x | not C) there)" if a.checkpoint is not None else ""
+        p.error(f"--methods: unknown method {unknown[0]!r}{where}; choose from {', '.join(allowed)}" if unknown
                 else "--methods: name at least one method")
+    if a.checkpoint is not None and a.spec is not None:
+        p.error("--checkpoint and --spec: give one model, a network or a mixture")
     if a.num_samples < 2:
         p.error(f"--num-samples must be >= 2, got {a.num_samples}")
-    if a.steps < 21:
+    if a.steps < (2 if a.checkpoint is not None else 21):
         p.error(f"--steps must be >= 21 for the linear schedule, got {a.steps}")
     if a.bootstrap < 1:
         p.error(f"--bootstrap must be >= 1, got {a.bootstrap}")
@@ -424,29 +352,42 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     if not math.isfinite(a.offset):
         p.error(f"--offset must be a finite number, got {a.offset:g}")
     remove = tuple(_split(a.remove))
-    if a.spec is not None and not remove:
-        p.error("--remove is required with --spec: the classes to generate without")
+    if (a.spec is not None or a.checkpoint is not None) and not remove:
+        p.error(f"--remove is required with {'--spec' if a.checkpoint is None else '--checkpoint'}: the classes to "
+                "generate without")
     if a.remove is not None and not remove:
         p.error("--remove: name at least one class")
     try:
-        spec = PAPER_SPEC if a.spec is None else load_spec(a.spec)
+        spec = None if a.checkpoint is not None else PAPER_SPEC if a.spec is None else load_spec(a.spec)
     except ValueError as e:
         p.error(str(e))
     return Config(spec=spec, remove=remove or PAPER_REMOVE, methods=methods,
                   scales=tuple(_parse_scales(a.scales, p).items()), out=a.out, num_samples=a.num_samples,
                   steps=a.steps, seed=a.seed, num_resamples=a.bootstrap, max_ratio=a.max_ratio,
                   published_prior=a.published_prior, temperature=a.temperature, offset=a.offset, p_min=a.p_min,
-                  p_max=a.p_max, overwrite=a.overwrite, progress=not a.no_progress)
+                  p_max=a.p_max, overwrite=a.overwrite, progress=not a.no_progress, checkpoint=a.checkpoint,
+                  data_dir=a.data_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["decisions"]:
+        from experiments import guidance_decisions
+
+        return guidance_decisions.main(argv[1:])
     config = parse_args(argv)
     enable_compilation_cache()
     start = time.perf_counter()
-    status, summary = run_command(PROG, lambda: run(config), out=config.out, outputs=OUTPUTS)
+    outputs = OUTPUTS if config.checkpoint is None else IMAGE_OUTPUTS
+    status, summary = run_command(PROG, lambda: run(config), out=config.out, outputs=outputs)
     if status:
         return status
-    report_written(OUTPUTS, config.out, start)
+    report_written(outputs, config.out, start)
+    if config.checkpoint is not None:
+        from experiments.guidance_images import print_summary
+
+        print_summary(summary)
+        return 0
     print(f"  without {', '.join(summary['removed']['names'])}; distance floor {summary['distance_floor']:.4g} "
           f"({summary['metrics']['distance_to_target'].split(' to ')[0]})")
     for e in summary["results"]:

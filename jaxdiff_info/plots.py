@@ -12,7 +12,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxdiff_info.curves import Curves  # noqa: E402
-from jaxdiff_info.decisions import DecisionProblem  # noqa: E402
 
 STYLE = {
     "exact": dict(color="black", lw=1.6, ls="-", label="exact (quadrature)"),

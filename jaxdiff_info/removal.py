@@ -15,6 +15,12 @@ components of std >> 0.01 this is the alpha_bar = 1 posterior to O(1e-4). Every 
 with a 95% percentile bootstrap interval over the samples, and the distance with its Monte Carlo
 floor: the same distance for exact draws of the same size.
 
+A trained network has no exact target: `fit_judge` fits a logistic regression (the judge) on
+its training images, `judged_metrics` gives the forbidden fraction and class fractions of the
+judge's labels and Fréchet distances (`frechet_distance`) to held-out images of the remaining
+classes, each with bootstrap intervals, and `held_out_floor` the distance between two halves of
+those held-out images, with the samples' distance at the same sizes beside it.
+
 docs/method.md, "Guidance driven by the posterior (DNG)".
 """
 
@@ -217,3 +223,159 @@ def distance_floor(mixture: gmm.GaussianMixture, removed: np.ndarray, num: int, 
     values = [float(distance_to_target(sample_target(mixture, removed, k, num), target, reference))
               for k in jax.random.split(key, replicates)]
     return float(np.mean(values)), np.percentile(values, [2.5, 97.5])
+
+
+# --- judged by a classifier: trained models, whose p(x | not C) is not known -------------------
+
+PIXEL_FRECHET_MAX_DIM = 1024  # beyond, a d x d square root per bootstrap resample costs too much
+JUDGE_MAX_TRAIN = 10000  # training images the judge is fitted on, at most
+
+
+@dataclasses.dataclass(frozen=True)
+class Judge:
+    """A multinomial logistic regression on flattened pixels in [-1, 1]: logits = x W^T + b,
+    weights (K, D), bias (K,), and its accuracy on a held-out split."""
+
+    weights: np.ndarray
+    bias: np.ndarray
+    accuracy: float
+    num_train: int
+    num_test: int
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """(N, K) decision-function values of images (N, ...)."""
+        x = np.asarray(images, np.float64).reshape(len(images), -1)
+        return x @ self.weights.T + self.bias
+
+    def labels(self, images: np.ndarray) -> np.ndarray:
+        return np.argmax(self.logits(images), axis=-1)
+
+
+def fit_judge(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], num_classes: int, *,
+              max_train: int = JUDGE_MAX_TRAIN, max_iter: int = 2000) -> Judge:
+    """scikit-learn's LogisticRegression (lbfgs, multinomial, C = 1) on the first max_train of
+    `train` = (images in [-1, 1], labels); its accuracy on `test`."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = np.asarray(train[0], np.float64)[:max_train], np.asarray(train[1])[:max_train]
+    if set(np.unique(y)) != set(range(num_classes)):
+        raise ValueError(f"the judge's training images must hold every one of the {num_classes} classes")
+    fit = LogisticRegression(max_iter=max_iter).fit(x.reshape(len(x), -1), y)
+    judge = Judge(np.asarray(fit.coef_, np.float64), np.asarray(fit.intercept_, np.float64), 0.0, len(x),
+                  len(test[1]))
+    accuracy = float(np.mean(judge.labels(test[0]) == np.asarray(test[1])))
+    return dataclasses.replace(judge, accuracy=accuracy)
+
+
+def _sqrt_psd(cov: np.ndarray) -> np.ndarray:
+    vals, vecs = np.linalg.eigh(cov)
+    return (vecs * np.sqrt(np.clip(vals, 0.0, None))[..., None, :]) @ np.swapaxes(vecs, -1, -2)
+
+
+def frechet_from_moments(mean_a, cov_a, mean_b, cov_b) -> np.ndarray:
+    """||m_a - m_b||^2 + tr(S_a + S_b - 2 (S_a^{1/2} S_b S_a^{1/2})^{1/2}) (batched over leading axes)."""
+    root = _sqrt_psd(cov_a)
+    cross = np.linalg.eigvalsh(root @ cov_b @ root)
+    trace = np.trace(cov_a, axis1=-2, axis2=-1) + np.trace(cov_b, axis1=-2, axis2=-1)
+    return np.sum((mean_a - mean_b) ** 2, -1) + trace - 2.0 * np.sqrt(np.clip(cross, 0.0, None)).sum(-1)
+
+
+def _moments(x: np.ndarray, weights: np.ndarray | None = None):
+    """Mean and covariance (n / (n - 1) corrected) of rows x (N, F); weights (B, N) as in
+    `resample_weights` give (B, F) and (B, F, F)."""
+    x = np.asarray(x, np.float64)
+    n = x.shape[0]
+    if weights is None:
+        return x.mean(0), np.cov(x, rowvar=False, ddof=1).reshape(x.shape[1], x.shape[1])
+    mean = weights @ x
+    second = np.einsum("bn,nf,ng->bfg", weights, x, x, optimize=True)
+    return mean, (second - mean[:, :, None] * mean[:, None, :]) * n / (n - 1)
+
+
+def frechet_distance(x: np.ndarray, reference: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """The Fréchet distance between Gaussians fitted to rows x (N, F) and reference (M, F);
+    weights (B, N): one per bootstrap resample of x, (B,)."""
+    mean_b, cov_b = _moments(reference)
+    mean_a, cov_a = _moments(x, weights)
+    return frechet_from_moments(mean_a, cov_a, mean_b, cov_b)
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgedMetrics:
+    """Removal as the judge sees it, each value with its 95% bootstrap interval [lo, hi]:
+    forbidden_fraction, class_fractions (C - |C|,) over the remaining classes, their KL to q,
+    and distances {feature space: (value, [lo, hi])} to the held-out images of those classes."""
+
+    forbidden_fraction: float
+    forbidden_fraction_ci95: np.ndarray
+    class_fractions: np.ndarray
+    class_fractions_ci95: np.ndarray
+    kl_to_target_bits: float
+    kl_to_target_bits_ci95: np.ndarray
+    distances: dict
+
+
+def judged_metrics(labels: np.ndarray, features: dict, reference: dict, removed: np.ndarray, q: np.ndarray,
+                   key: jax.Array, num_resamples: int = NUM_RESAMPLES) -> JudgedMetrics:
+    """labels (N,) the judge's labels of N samples; features {name: (N, F)} and reference
+    {name: (M, F)} (held-out images of the remaining classes); q the renormalised prior of the
+    remaining classes. Class fractions are over the samples judged to a remaining class (NaN
+    when none is)."""
+    removed = np.asarray(removed)
+    onehot = np.eye(removed.size)[np.asarray(labels)]
+    weights = resample_weights(key, len(labels), num_resamples)
+
+    def fractions(w):
+        mean = w @ onehot
+        rest = mean[..., ~removed]
+        total = rest.sum(-1, keepdims=True)
+        return mean[..., removed].sum(-1), np.where(total > 0, rest / np.where(total > 0, total, 1.0), np.nan)
+
+    forbidden, frac = fractions(np.full(len(labels), 1.0 / len(labels)))
+    forbidden_b, frac_b = fractions(weights)
+    ci = lambda a: np.percentile(a, [2.5, 97.5], axis=0)  # noqa: E731
+    distances = {}
+    for name in features:
+        value = float(frechet_distance(features[name], reference[name]))
+        distances[name] = (value, bias_shifted_ci(value, frechet_distance(features[name], reference[name], weights)))
+    kl = float(kl_bits(frac, q))
+    return JudgedMetrics(float(forbidden), ci(forbidden_b), frac, ci(frac_b).T, kl,
+                         bias_shifted_ci(kl, kl_bits(frac_b, q)), distances)
+
+
+def bias_shifted_ci(value: float, resampled: np.ndarray) -> np.ndarray:
+    """The 2.5-97.5 percentiles of resampled values of a statistic biased up by resampling (a
+    KL, a Fréchet distance: duplicates look like extra spread), shifted down by the bootstrap's
+    estimate of that bias, mean(resampled) - value, and clipped at 0."""
+    resampled = np.asarray(resampled, np.float64)
+    resampled = resampled[np.isfinite(resampled)]
+    if resampled.size == 0:
+        return np.array([np.nan, np.nan])
+    return np.maximum(np.percentile(resampled, [2.5, 97.5]) - (resampled.mean() - value), 0.0)
+
+
+def held_out_floor(features: dict, reference: dict, key: jax.Array, replicates: int = 20) -> dict:
+    """Per feature space, over `replicates` random splits of the held-out reference (M, F) into
+    halves A and B: the floor, FD(A, B), and the samples at the same sizes, FD(|A| of the samples
+    (N, F), B): {name: {"floor": mean, "floor_range": [2.5, 97.5 percentiles], "matched": ...,
+    "matched_range": ...}}. A Fréchet distance estimated from finite sets is biased up by about
+    tr(S) (1/n_a + 1/n_b); the matched distance has the floor's bias."""
+    out = {}
+    keys = jax.random.split(key, replicates)
+    for name in features:
+        ref, x = np.asarray(reference[name], np.float64), np.asarray(features[name], np.float64)
+        half = ref.shape[0] // 2
+        if half < 2:
+            raise ValueError(f"too few held-out images of the remaining classes ({ref.shape[0]}) for a floor")
+        floor, matched = [], []
+        for k in keys:
+            order = np.asarray(jax.random.permutation(k, ref.shape[0]))
+            pick = np.asarray(jax.random.choice(jax.random.fold_in(k, 1), x.shape[0], (min(half, x.shape[0]),),
+                                                replace=False))
+            a, b = ref[order[:half]], ref[order[half:]]
+            floor.append(float(frechet_distance(a, b)))
+            matched.append(float(frechet_distance(x[pick], b)))
+        pct = lambda v: np.percentile(v, [2.5, 97.5])  # noqa: E731
+        out[name] = {"floor": float(np.mean(floor)), "floor_range": pct(floor), "matched": float(np.mean(matched)),
+                     "matched_range": pct(matched), "sizes": [min(half, x.shape[0]), ref.shape[0] - half]}
+    return out

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments import cli
+from experiments.cifar10.outputs import output_folder, print_immse, write_outputs
 from experiments.cli import describe_times, report_written, run_command
 
 PROG = "python -m experiments.cifar10 analyze"
@@ -229,7 +230,7 @@ def run(config: AnalyzeConfig) -> dict:
             cli.check_memory("--samples-per-class", config.samples_per_class, lambda n, m=mixture: references.bytes_needed(
                 m, n, config.num_snapshots), minimum=2)
             refs[name] = (mixture, description)
-    with output_folder(config) as out:
+    with output_folder(config.out, outputs(config), config.overwrite) as out:
         K = model.config.num_classes
         shape = (model.config.image_size, model.config.image_size, model.config.channels)
         network = jdi.Network(unet.make_eps_fn(model.config), model.params, shape, K, has_null=model.has_null)
@@ -274,7 +275,7 @@ def run_reference(config: AnalyzeConfig) -> dict:
     schedule = sampling_schedule(config, unet.TRAIN_STEPS)
     cli.check_memory("--samples-per-class", config.samples_per_class,
                      lambda n: references.bytes_needed(mixture, n, config.num_snapshots), minimum=2)
-    with output_folder(config) as out:
+    with output_folder(config.out, outputs(config), config.overwrite) as out:
         result = analyze(config, mixture, schedule, problems, class_names, shape, config.reference)
         sampler = make_sampler(config)
         summary = write_outputs(out, result, {
@@ -289,24 +290,6 @@ def run_reference(config: AnalyzeConfig) -> dict:
         return summary if distributed.is_primary() else None
 
 
-def output_folder(config: AnalyzeConfig):
-    """Where a run writes: the stage folder of config.out (`results.staged_outputs`) in process
-    0, a private temporary folder, removed afterwards, in the other processes of a
-    multi-process run (they compute the same results and write none)."""
-    import contextlib
-    import tempfile
-
-    from jaxdiff_info import distributed, results
-
-    if distributed.is_primary():
-        return results.staged_outputs(config.out, outputs(config), config.overwrite)
-
-    @contextlib.contextmanager
-    def private():
-        with tempfile.TemporaryDirectory(prefix="jaxdiff-info-") as folder:
-            yield Path(folder)
-
-    return private()
 
 
 def sampling_schedule(config: AnalyzeConfig, num_train_steps: int):
@@ -369,18 +352,6 @@ def load_held_out(dataset: str, data_dir: Path):
     return to_model_range(data.images), data.labels, f"the held-out {dataset} test split ({len(data)} images)"
 
 
-def print_immse(summary: dict) -> None:
-    """The I-MMSE cross-check at the class label, one line per source of x_0."""
-    for source, entry in summary.get("immse", {}).items():
-        if not isinstance(entry, dict) or "class_label" not in entry:
-            continue
-        row = entry["class_label"]
-        lo, hi = row["half_time_difference_ci95"]
-        below = row.get("immse_entropy_below_zero_until_time")
-        print(f"  online vs {entry['estimator']:<11s} max |dH| {row['max_abs_entropy_difference_bits']:.3f} bits at "
-              f"t/T {row['max_abs_entropy_difference_time']:.2f}; half time {row['half_time_difference']:+.3f} "
-              f"(95% CI {lo:+.3f} to {hi:+.3f})"
-              + (f"; I-MMSE H < 0 (inconsistent denoisers) below t/T {below:.2f}" if below is not None else ""))
 
 
 def choose_problems(texts, class_names, named) -> list:
@@ -449,66 +420,4 @@ def check_memory(config: AnalyzeConfig, net, num_params: int) -> None:
         return None if batch is None else f"--batch-size {batch}"
 
     cli.check_memory("--samples-per-class", config.samples_per_class, needed, minimum=2, alternative=batched)
-
-
-def write_outputs(out: Path, result, settings: dict, extra: dict | None = None) -> dict:
-    """summary.json, curves.npz and the figures of one analysis (`jaxdiff_info.analysis.Analysis`);
-    extra: {prefix: Curves} also written to curves.npz (e.g. the references' curves)."""
-    from jaxdiff_info import plots, results
-    from jaxdiff_info.analysis import immse_differences
-
-    curves = result.estimators()
-    class_names = list(result.class_names)
-    summary = {**settings, "sampler": result.sampler, "class_names": class_names, "estimators": list(curves),
-               "methods": results.methods(curves),
-               "problems": [results.problem_summary(i, curves) for i in range(len(result.curves.problems))]}
-    cross = immse_differences(result)
-    if cross:
-        summary["immse"] = cross
-    if result.class_curves is not None:
-        cc = result.class_curves
-        summary["classes"] = [
-            {"name": name, "index": k, "time": np.round(cc.time, 6).tolist(),
-             "entropy_bits": np.round(cc.entropy_bits[k], 6).tolist(),
-             "entropy_rate": np.round(cc.entropy_rate[k], 6).tolist(),
-             "peak_time": round(float(cc.peak_time[k]), 6),
-             "peak_time_ci95": np.round(cc.peak_time_ci95[k], 6).tolist(),
-             "half_time": round(float(cc.half_time[k]), 6),
-             "half_time_ci95": np.round(cc.half_time_ci95[k], 6).tolist()}
-            for k, name in enumerate(class_names)]
-    results.write_json(out / "summary.json", summary)
-    arrays = {"time": result.time, "prior_entropy_bits": result.curves.prior_entropy_bits,
-              "problem_names": np.array(result.curves.names), "mean_posterior": result.mean_posterior,
-              "paths/log_posterior": result.paths, "paths/classes": result.path_classes, "x_0": result.x_0,
-              "snapshots/t": np.array([s[0] for s in result.snapshots]),
-              "snapshots/x_t": np.stack([s[1] for s in result.snapshots]),
-              "snapshots/x0_hat": np.stack([s[2] for s in result.snapshots]),
-              **results.curves_arrays(curves)}
-    for prefix, c in (extra or {}).items():
-        arrays.update({prefix + k: v for k, v in results.curves_arrays({"online": c}).items()})
-    if result.class_curves is not None:
-        arrays.update({f"classes/{k}": v for k, v in results.curves_arrays({"online": result.class_curves}).items()})
-    results.write_npz(out / "curves.npz", arrays)
-
-    num_train = settings.get("schedule", {}).get("train_steps", len(result.time))
-    n = settings.get("num_samples_per_class")
-    title = (f"{settings.get('model', 'model')}; {result.sampler}; {settings.get('generation', '')} generation, "
-             f"{n} trajectories per class, {len(result.time)} steps")
-    figures = {
-        "entropy_rate.png": plots.curves_figure(curves, "entropy_rate", title),
-        "posterior_heatmap.png": plots.posterior_heatmap_figure(result.time, result.mean_posterior, class_names),
-        "posterior_paths.png": plots.snapshot_paths_figure(
-            result.time, result.paths, result.path_classes, result.snapshots, class_names, num_train),
-    }
-    if "immse" in summary:
-        figures["class_information.png"] = plots.class_information_figure(
-            curves, class_names, f"information about the class per class, online classifier against I-MMSE; {title}")
-    if result.class_curves is not None:
-        figures["class_entropy_rate.png"] = plots.class_curves_figure(result.class_curves, title)
-    else:  # unconditional: the class label's curve only
-        figures["class_entropy_rate.png"] = plots.curves_figure(curves, "entropy_rate", title, select=[0])
-    for name, fig in figures.items():
-        results.save_figure(fig, out / name)
-        plots.plt.close(fig)
-    return summary
 
