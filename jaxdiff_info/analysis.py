@@ -208,7 +208,8 @@ def analyze_model(
     forward = None
     if mixture:
         forward = forward_mc_curves(model, problems, schedule, samples_per_class=samples_per_class,
-                                    key=jax.random.fold_in(key, 9), bandwidth=bandwidth, num_resamples=num_resamples)
+                                    key=jax.random.fold_in(key, 9), bandwidth=bandwidth, num_resamples=num_resamples,
+                                    sharding=trajectory_sharding(K * samples_per_class))
     from_data = from_model = None
     if immse:
         from_data, from_model = information_curves(
@@ -225,10 +226,12 @@ def information_curves(model, schedule: Schedule, label: DecisionProblem, online
                        batch_size: int | None, progress, held_out, held_out_name: str, per_class: int | None):
     """(immse, immse_model) of `analyze_model`: the class label's I-MMSE curves from held-out
     examples (a network) or the exact denoisers (a mixture), and from the generated x_0."""
+    K = model.num_classes
     common = dict(bandwidth=bandwidth, num_resamples=num_resamples)
     if isinstance(model, gmm.GaussianMixture):
         return immse_curves(model, [label], schedule, samples_per_class=samples_per_class,
-                            key=jax.random.fold_in(key, 10), **common), None
+                            key=jax.random.fold_in(key, 10), sharding=trajectory_sharding(K * samples_per_class),
+                            **common), None
     model.require_null("the I-MMSE estimator (--no-immse skips it)")
     chunk = max(1, schedule.num_steps // 20)
     from_data = None
@@ -239,7 +242,8 @@ def information_curves(model, schedule: Schedule, label: DecisionProblem, online
             per_class = int(min(samples_per_class, counts.min()))
         from_data = immse_curves(model, [label], schedule, samples_per_class=per_class, key=jax.random.fold_in(key, 10),
                                  x_0=x_0, labels=labels, source=held_out_name, batch_size=batch_size, chunk=chunk,
-                                 progress=progress, **common)
+                                 progress=progress, sharding=trajectory_sharding(K * per_class, required=False),
+                                 **common)
     from_model = None
     if generation != "unconditional":
         t = online.trajectories
@@ -247,7 +251,7 @@ def information_curves(model, schedule: Schedule, label: DecisionProblem, online
                                   key=jax.random.fold_in(key, 11), x_0=t.x_0, labels=t.classes,
                                   source="the model's own samples (the x_0 of the online trajectories)",
                                   estimator="immse_model", batch_size=batch_size, chunk=chunk, progress=progress,
-                                  **common)
+                                  sharding=trajectory_sharding(K * samples_per_class), **common)
     return from_data, from_model
 
 
@@ -327,12 +331,14 @@ def posterior_note(posterior: str, sampler: Sampler) -> str:
             f"beta~_t, which is exact only for point data")
 
 
-def trajectory_sharding(num: int):
+def trajectory_sharding(num: int, required: bool = True):
     """Data-parallel over all devices of all processes: when `num` trajectories split evenly
-    over them (else None); several processes need them to (ValueError, one line)."""
+    over them (else None); several processes need them to (ValueError, one line) unless
+    `required` is False (then every process computes them all: the same numbers)."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    check_split(num)
+    if required:
+        check_split(num)
     devices = jax.devices()
     if len(devices) < 2 or num % len(devices):
         return None

@@ -107,15 +107,18 @@ def exact_curves(mixture: gmm.GaussianMixture, problems: Sequence[DecisionProble
 
 def forward_mc_curves(mixture: gmm.GaussianMixture, problems: Sequence[DecisionProblem] | None,
                       schedule: Schedule, *, samples_per_class: int, key: jax.Array, bandwidth: float = 0.01,
-                      num_resamples: int = 200, num_blocks: int = 32, bootstrap_key: jax.Array | None = None) -> Curves:
+                      num_resamples: int = 200, num_blocks: int = 32, bootstrap_key: jax.Array | None = None,
+                      sharding: Any = None) -> Curves:
     """H(Z | X_t) of a mixture (any d) by forward Monte Carlo: at every step, samples_per_class
     draws x_t ~ q(x_t | k) of every class, averaged with the exact posterior P(z | x_t), with
     95% bootstrap intervals over blocks of draws. bandwidth: smoothing of the rate in t/T.
-    bootstrap_key: the intervals' key (default: derived from `key`)."""
+    bootstrap_key: the intervals' key (default: derived from `key`); sharding: of the sample
+    axis (`analysis.trajectory_sharding`: over devices and processes, the same numbers)."""
     arrays = _mixture_problems(mixture, problems)
     _check_bandwidth(bandwidth)
     blocks = estimators.make_blocks(mixture.num_classes, samples_per_class, num_blocks)
-    sums = estimators.forward_mc_block_sums(gmm.centred(mixture)[0], schedule, arrays.membership, blocks, key)
+    sums = estimators.forward_mc_block_sums(gmm.centred(mixture)[0], schedule, arrays.membership, blocks, key,
+                                            sharding=sharding)
     curves = curves_from_blocks(
         jax.random.fold_in(key, 7) if bootstrap_key is None else bootstrap_key, _time(schedule), sums, blocks.counts,
         arrays, bandwidth=bandwidth, num_resamples=num_resamples, estimator="forward_mc",
@@ -298,7 +301,8 @@ def immse_curves(model: Model, problems: Sequence[DecisionProblem] | None, sched
                  labels: np.ndarray | None = None, source: str | None = None, estimator: str = "immse",
                  bandwidth: float = 0.01, num_resamples: int = 200, num_blocks: int = 32,
                  bootstrap_key: jax.Array | None = None, common_noise: bool = False, batch_size: int | None = None,
-                 chunk: int | None = None, progress: Callable[[int], None] | None = None) -> Curves:
+                 chunk: int | None = None, progress: Callable[[int], None] | None = None,
+                 sharding: Any = None) -> Curves:
     """H(Z | X_t) from denoising errors (I-MMSE): H(Z) minus the integral over
     gamma = abar / (1 - abar) of 1/2 E||E[x_0 | x_t, z] - E[x_0 | x_t]||^2 (nats), on the
     steps of `schedule` (trapezoid rule in log-SNR, from gamma = 0). 95% bootstrap intervals
@@ -320,8 +324,9 @@ def immse_curves(model: Model, problems: Sequence[DecisionProblem] | None, sched
     Per-class profiles (class_entropy_bits): H(Z) minus class k's share E_k[J] of its group's
     KL, whose weighted sum is H(Z | X_t) (docs/method.md). class_information_bits (K, T):
     D_k(t) = KL(p(x_t | k) || p(x_t)) in bits, with its band class_information_bits_ci95.
-    Advanced (networks): batch_size (samples per network call), chunk (steps per compiled
-    call) and progress(steps_done)."""
+    Advanced: sharding of the sample axis (over devices and processes, the same numbers);
+    for networks batch_size (samples per network call), chunk (steps per compiled call) and
+    progress(steps_done)."""
     if isinstance(samples_per_class, bool) or int(samples_per_class) != samples_per_class or samples_per_class < 2:
         raise ValueError(f"the I-MMSE estimator needs an integer >= 2 samples per class (its bootstrap intervals "
                          f"need two), got {samples_per_class}")
@@ -349,7 +354,8 @@ def immse_curves(model: Model, problems: Sequence[DecisionProblem] | None, sched
             raise ValueError("the I-MMSE estimator of a network gives the class label only (a group's denoiser "
                              "needs P(c | x_t), which a network does not give); pass problems=None or the class label")
         label_sums = immse.network_information_block_sums(model.eps, model.params, schedule, given, blocks, key,
-                                                          batch_size=batch_size, chunk=chunk, progress=progress)
+                                                          batch_size=batch_size, chunk=chunk, progress=progress,
+                                                          sharding=sharding)
         problem_sums = np.repeat(label_sums[..., None], len(arrays.problems), axis=-1)
         denoisers = "the network's eps(x_t, t, k) and eps(x_t, t, null) (two calls per sample and step)"
     else:
@@ -358,7 +364,7 @@ def immse_curves(model: Model, problems: Sequence[DecisionProblem] | None, sched
         if given is not None:
             given = given.reshape(given.shape[0], -1) - shift
         run = immse.information_block_sums(mixture, schedule, arrays.membership, blocks, key,
-                                           common_noise=common_noise, x_0=given)
+                                           common_noise=common_noise, x_0=given, sharding=sharding)
         problem_sums, label_sums = run.problem_sums, run.label_sums
         denoisers = "the mixture's exact denoisers"
     counts = blocks.counts.astype(np.float64)

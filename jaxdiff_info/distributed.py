@@ -144,3 +144,12 @@ def check_split(num: int, what: str = "trajectories") -> None:
     if jax.process_count() > 1 and num % devices:
         raise ValueError(f"{num} {what} do not split over the {devices} devices of {jax.process_count()} processes; "
                          f"use a multiple of {devices} (e.g. --samples-per-class times the classes)")
+
+
+def shard_rows(x, sharding):
+    """x (N, ...) laid out with its first axis split as `sharding` says (a NamedSharding over
+    the trajectory axis, or None: as it is). Inside a jitted function a sharding constraint, so
+    that per-row work (draws, posteriors, network calls) is done where the row lives."""
+    if sharding is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, sharding)

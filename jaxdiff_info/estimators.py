@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxdiff_info import mixture as gmm
 from jaxdiff_info.decisions import batch_problem_entropy_bits, entropy_bits
-from jaxdiff_info.distributed import to_host
+from jaxdiff_info.distributed import shard_rows, to_host
 from jaxdiff_info.schedule import Schedule
 from jaxdiff_info.tracking import Tracker, TrackState, step_chunks
 
@@ -162,19 +162,24 @@ def symmetric_two_class_entropy_bits(alpha_bar: jax.Array, mean_norm: float, std
 # --- 2. forward Monte Carlo ---------------------------------------------------------------
 
 def forward_mc_block_sums(
-    mixture: gmm.GaussianMixture, schedule: Schedule, membership: np.ndarray, blocks: Blocks, key: jax.Array
-) -> jax.Array:
+    mixture: gmm.GaussianMixture, schedule: Schedule, membership: np.ndarray, blocks: Blocks, key: jax.Array,
+    sharding=None,
+) -> np.ndarray:
     """(T, K, B, P) block sums of h(P(z | x_t)) for x_t ~ p(x_t | k), drawn independently at
-    every step from the forward process, with the exact posterior."""
+    every step from the forward process, with the exact posterior. sharding: of the sample
+    axis (data-parallel over devices, of several processes too; the same numbers)."""
     membership = np.asarray(membership)
-    run = functools.partial(_forward_mc, membership=membership, blocks=blocks)
-    return jax.jit(run)(mixture, schedule, jnp.asarray(blocks.classes), key)
+    run = functools.partial(_forward_mc, membership=membership, blocks=blocks, sharding=sharding)
+    classes = jnp.asarray(blocks.classes)
+    if sharding is not None:
+        classes = jax.device_put(classes, sharding)
+    return to_host(jax.jit(run)(mixture, schedule, classes, key))
 
 
-def _forward_mc(mixture, schedule, classes, key, membership, blocks):
+def _forward_mc(mixture, schedule, classes, key, membership, blocks, sharding):
     def at(t):
         alpha_bar = schedule.alpha_bar[t - 1]
-        x = gmm.sample_xt_given_classes(mixture, jax.random.fold_in(key, t), classes, alpha_bar)
+        x = shard_rows(gmm.sample_xt_given_classes(mixture, jax.random.fold_in(key, t), classes, alpha_bar), sharding)
         log_post = jax.vmap(gmm.log_posterior, (None, 0, None))(mixture, x, alpha_bar)
         return block_entropy_sums(log_post, membership, blocks)
 

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff_info import mixture as gmm
+from jaxdiff_info.distributed import shard_rows, to_host
 from jaxdiff_info.estimators import Blocks
 from jaxdiff_info.schedule import Schedule
 from jaxdiff_info.tracking import step_chunks
@@ -123,7 +124,7 @@ def integration_weights(alpha_bar: np.ndarray) -> np.ndarray:
 
 def information_block_sums(mixture: gmm.GaussianMixture, schedule: Schedule, membership: np.ndarray,
                            blocks: Blocks, key: jax.Array, common_noise: bool = False,
-                           x_0: jax.Array | None = None) -> InformationSums:
+                           x_0: jax.Array | None = None, sharding=None) -> InformationSums:
     """The I-MMSE information integrals of `blocks.per_class` samples of every class at every
     step of `schedule`, summed over blocks, in one compiled scan over the steps (t = T..1).
 
@@ -134,24 +135,28 @@ def information_block_sums(mixture: gmm.GaussianMixture, schedule: Schedule, mem
     fold_in(key, 1)); a smooth curve per sample, but far noisier (docs/method.md).
     x_0: (N, d) given examples in `blocks`' order (class-major), one per sample at every t, noised
     afresh at every step (key fold_in(key, t)), instead of draws from the mixture.
-    mixture: centred (`mixture.centred`) for float32, and x_0 in the same coordinates."""
+    mixture: centred (`mixture.centred`) for float32, and x_0 in the same coordinates.
+    sharding: of the sample axis (over devices and processes; the same numbers)."""
     if x_0 is not None and common_noise:
         raise ValueError("common_noise draws its own x_0; give x_0 or common_noise, not both")
     groups, populations, member = integrand_sets(membership)
     classes = jnp.asarray(blocks.classes)
     rows = (mixture.num_components + groups.shape[0] + 1) * max(mixture.dim, mixture.rank)  # floats per sample
     batch = int(min(classes.shape[0], max(1, BATCH_FLOATS // rows)))
-    run = functools.partial(_information, blocks=blocks, batch=batch, common_noise=common_noise)
+    run = functools.partial(_information, blocks=blocks, batch=batch, common_noise=common_noise, sharding=sharding)
     weights = jnp.asarray(integration_weights(np.asarray(schedule.alpha_bar)), jnp.float32)
     given = None if x_0 is None else jnp.asarray(x_0, jnp.float32).reshape(classes.shape[0], mixture.dim)
+    if sharding is not None:
+        classes = jax.device_put(classes, sharding)
+        given = None if given is None else jax.device_put(given, sharding)
     sums = jax.jit(run)(mixture, schedule.alpha_bar, weights, classes, key, jnp.asarray(groups),
                         jnp.asarray(populations), jnp.asarray(member), given)
-    sums = np.asarray(sums)[::-1]  # visited t = T..1; reported t = 1..T
+    sums = to_host(sums)[::-1]  # visited t = T..1; reported t = 1..T
     return InformationSums(sums[..., :-1], sums[..., -1])
 
 
 def _information(mixture, alpha_bar, weights, classes, key, groups, populations, member, given, blocks, batch,
-                 common_noise):
+                 common_noise, sharding):
     sample_groups = jnp.moveaxis(groups[:, classes], 1, 0)  # (N, M, K): the group of each sample's class
     sample_member = member[:, classes].T.astype(jnp.float32)  # (N, M)
     if common_noise:
@@ -165,6 +170,7 @@ def _information(mixture, alpha_bar, weights, classes, key, groups, populations,
             x_t = noised(given, ab, jax.random.fold_in(key, t))
         else:
             x_t = gmm.sample_xt_given_classes(mixture, jax.random.fold_in(key, t), classes, ab)
+        x_t = shard_rows(x_t, sharding)
         f = jax.lax.map(lambda args: information_integrands(mixture, args[0], ab, args[1], populations),
                         (x_t, sample_groups), batch_size=batch)
         return f * sample_member  # (N, M)
@@ -212,7 +218,7 @@ def examples_per_class(x_0: np.ndarray, labels: np.ndarray, num_classes: int, pe
 
 def network_information_block_sums(eps, params, schedule: Schedule, x_0: jax.Array, blocks: Blocks, key: jax.Array,
                                    *, batch_size: int | None = None, chunk: int | None = None,
-                                   progress=None) -> np.ndarray:
+                                   progress=None, sharding=None) -> np.ndarray:
     """(T, K, B) block sums over samples of each class of J = int_0^{gamma_t} f d gamma in nats,
     in step order t = 1..T, whose means are D_k(t) = KL(p(x_t | k) || p(x_t)) of the model
     whose denoisers `eps` gives: f = ||eps(x_t, t, k) - eps(x_t, t, K)||^2 / (2 gamma_t) for a
@@ -221,9 +227,12 @@ def network_information_block_sums(eps, params, schedule: Schedule, x_0: jax.Arr
 
     eps: per-example eps(params, x_t, t, k) on `schedule`'s timesteps; x_0 (N, *shape) in the
     order of `blocks` (class-major); batch_size: samples per network call (2 examples each;
-    None: all); chunk: steps per compiled call, progress(steps_done) after each."""
+    None: all); chunk: steps per compiled call, progress(steps_done) after each; sharding: of
+    the sample axis (over devices and processes; the same numbers)."""
     classes = jnp.asarray(blocks.classes)
     x_0 = jnp.asarray(x_0, jnp.float32)
+    if sharding is not None:
+        classes, x_0 = jax.device_put(classes, sharding), jax.device_put(x_0, sharding)
     if x_0.shape[0] != classes.shape[0]:
         raise ValueError(f"{x_0.shape[0]} examples for {classes.shape[0]} samples")
     K = blocks.num_classes
@@ -234,7 +243,7 @@ def network_information_block_sums(eps, params, schedule: Schedule, x_0: jax.Arr
     batch = classes.shape[0] if batch_size is None else int(min(batch_size, classes.shape[0]))
 
     def integrands(p, t, step, ab, g):
-        x_t = noised(x_0, ab, jax.random.fold_in(key, t))
+        x_t = shard_rows(noised(x_0, ab, jax.random.fold_in(key, t)), sharding)
 
         def call(args):
             x, k = args
@@ -258,6 +267,8 @@ def network_information_block_sums(eps, params, schedule: Schedule, x_0: jax.Arr
     T = schedule.num_steps
     timesteps = np.asarray(schedule.timesteps)
     carry = (jnp.zeros(classes.shape[0], jnp.float32), jnp.zeros(classes.shape[0], jnp.float32))
+    if sharding is not None:  # the carry as the integrals come out: one compilation for every chunk
+        carry = jax.device_put(carry, sharding)
     outputs = []
     for ts in step_chunks(T, chunk):
         i = np.where(ts > 0, ts - 1, 0)
@@ -266,8 +277,8 @@ def network_information_block_sums(eps, params, schedule: Schedule, x_0: jax.Arr
                 jnp.asarray(gamma[i], jnp.float32), jnp.asarray(np.where(ts > 0, weights[row, 0], 0), jnp.float32),
                 jnp.asarray(np.where(ts > 0, weights[row, 1], 0), jnp.float32))
         carry, sums = run(params, carry, *args)
-        outputs.append(sums)
+        outputs.append(to_host(sums))
         if progress is not None:
             jax.block_until_ready(carry)
             progress(int(np.count_nonzero(ts)))
-    return np.concatenate([np.asarray(o) for o in outputs])[:T][::-1]  # visited t = T..1; reported t = 1..T
+    return np.concatenate(outputs)[:T][::-1]  # visited t = T..1; reported t = 1..T

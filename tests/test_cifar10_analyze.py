@@ -132,8 +132,14 @@ s = S.linear_schedule(200)
 mix = M.make_mixture([-8.0, -4.0, 6.0, 8.0])
 net = jaxdiff_info.Network(M.eps_fn(s), mix, (1,), 4)
 res = analyze_model(net, s, [D.class_label(4)], samples_per_class=16, key=jax.random.key(3),
+                    sampler=S.Sampler("ddpm", "small"), num_resamples=10,
+                    held_out=(np.linspace(-9, 9, 64, dtype=np.float32)[:, None], np.repeat(np.arange(4), 16)))
+ref = analyze_model(mix, s, [D.class_label(4)], samples_per_class=16, key=jax.random.key(3),
                     sampler=S.Sampler("ddpm", "small"), num_resamples=10)
-np.savez(sys.argv[1], h=res.curves.entropy_bits, x0=res.x_0, devices=len(jax.devices()))
+np.savez(sys.argv[1], h=res.curves.entropy_bits, x0=res.x_0, devices=len(jax.devices()),
+         immse=res.immse.entropy_bits, immse_model=res.immse_model.class_information_bits,
+         forward=ref.forward_mc.entropy_bits, ref_immse=ref.immse.entropy_bits,
+         state=ref.curves.exact_state.entropy_bits)
 """
 
 
@@ -147,4 +153,5 @@ def test_eight_host_devices_give_the_same_result(tmp_path):
         outs[n] = np.load(path)
     assert int(outs[8]["devices"]) == 8 and int(outs[1]["devices"]) == 1
     np.testing.assert_allclose(outs[8]["x0"], outs[1]["x0"], atol=1e-5)
-    np.testing.assert_allclose(outs[8]["h"], outs[1]["h"], atol=1e-5)
+    for name in ("h", "immse", "immse_model", "forward", "ref_immse", "state"):  # every estimator, split 8 ways
+        np.testing.assert_allclose(outs[8][name], outs[1][name], atol=1e-5, err_msg=name)

@@ -20,7 +20,7 @@ ALLOWED = {
     "tracking": {"schedule"},
     "distributed": set(),  # several processes: start, gather to the host, who writes
     "estimators": CORE | {"tracking", "distributed"},
-    "immse": CORE | {"tracking", "estimators"},
+    "immse": CORE | {"tracking", "estimators", "distributed"},
     # the research API on those, the image analysis on the API
     "api": CORE | {"tracking", "estimators", "immse"},
     "analysis": CORE | {"tracking", "api", "results", "distributed"},
