@@ -23,7 +23,8 @@ def option_blocks(text: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("command", [["experiments.gmm"], ["experiments.cifar10", "train"],
-                                     ["experiments.cifar10", "analyze"], ["experiments.guidance"]])
+                                     ["experiments.cifar10", "analyze"], ["experiments.guidance"],
+                                     ["experiments.guidance", "decisions"]])
 def test_every_flag_states_its_default(command):
     r = subprocess.run([sys.executable, "-m", *command, "--help"], capture_output=True, text=True, timeout=120,
                        env={"COLUMNS": "200", **__import__("os").environ})

@@ -87,25 +87,3 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(args, message, tmp_pat
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith(f"{dec.PROG}: error:") and "\n" not in err and message in err, err
     assert not out.exists()
-
-
-def test_every_flag_states_its_default():
-    import os
-    import re
-    import subprocess
-    import sys
-
-    r = subprocess.run([sys.executable, "-m", "experiments.guidance", "decisions", "--help"], capture_output=True,
-                       text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
-    assert r.returncode == 0, r.stderr
-    blocks, flag = {}, None
-    for line in r.stdout.split("options:", 1)[1].splitlines():
-        found = re.match(r"  (-{1,2}[\w-]+)", line)
-        if found:
-            flag = found.group(1)
-            blocks[flag] = line
-        elif flag and line.startswith("    "):
-            blocks[flag] += " " + line.strip()
-    assert {"--spec", "--checkpoint", "--weights", "--samples-per-class", "--steps", "--out"} <= set(blocks)
-    for flag, text in blocks.items():
-        assert flag == "-h" or "default" in text, f"{flag}: {text}"
