@@ -234,7 +234,10 @@ def run(config: Config) -> dict:
 
 
 def _r(a, digits: int = 6):
-    return np.round(np.asarray(a, np.float64), digits).tolist()
+    """Rounded, as JSON: null where a value is undefined (e.g. class fractions when every sample
+    is judged to a removed class)."""
+    a = np.round(np.asarray(a, np.float64), digits)
+    return np.where(np.isfinite(a), a, None).tolist()
 
 
 def _entry(method, scale, default, key, m, names, mask, guidance_text, posterior_text, kernel) -> dict:

@@ -53,7 +53,10 @@ METRICS = {
 
 
 def _r(a, digits: int = 6):
-    return np.round(np.asarray(a, np.float64), digits).tolist()
+    """Rounded, as JSON: null where a value is undefined (e.g. class fractions when every sample
+    is judged to a removed class)."""
+    a = np.round(np.asarray(a, np.float64), digits)
+    return np.where(np.isfinite(a), a, None).tolist()
 
 
 def check_methods(methods) -> None:
@@ -215,4 +218,5 @@ def print_summary(summary: dict) -> None:
         dist = "  ".join(f"FD {s} {e[f'frechet_distance_{s}']:.4g}"
                          + (f" (matched {e[f'frechet_distance_{s}_matched']:.4g})"
                             if f"frechet_distance_{s}_matched" in e else "") for s in spaces)
-        print(f"  {label:<20s} forbidden {e['forbidden_fraction']:.4f}  KL {e['kl_to_target_bits']:.4f} bits  {dist}")
+        kl = "undefined" if e["kl_to_target_bits"] is None else f"{e['kl_to_target_bits']:.4f} bits"
+        print(f"  {label:<20s} forbidden {e['forbidden_fraction']:.4f}  KL {kl}  {dist}")
