@@ -1,7 +1,7 @@
 """U-Net training step: JAX (jaxdiff_info) against the same network in PyTorch, on CPU.
 
-    python -m benchmarks.train_speed                      # tiny b64, tiny b128, ddpm b8 (~15 min)
-    python -m benchmarks.train_speed --quick              # tiny b64 and b128, 3 repetitions
+    python -m benchmarks.train_speed                      # tiny and ddpm at b8 and b16 (~10 min)
+    python -m benchmarks.train_speed --quick              # tiny b8 and b16, 3 repetitions
     python -m benchmarks.train_speed --configs ddpm:16    # CONFIG[:BATCH[,BATCH...]] ...
     python -m benchmarks.train_speed --breakdown          # + no-dropout and forward-only pairs
 
@@ -558,7 +558,7 @@ def machine_info() -> str:
 
 
 def parse_cases(specs: list[str]) -> list[tuple[str, int]]:
-    defaults = {"tiny": [64, 128], "ddpm": [8]}
+    defaults = {"tiny": [8, 16], "ddpm": [8, 16]}
     cases = []
     for spec in specs:
         name, _, batches = spec.partition(":")
@@ -624,9 +624,9 @@ def run_ops(args) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny only (b64, b128), 3 repetitions")
+    ap.add_argument("--quick", action="store_true", help="tiny only (b8, b16), 3 repetitions")
     ap.add_argument("--configs", nargs="+", default=None,
-                    help="CONFIG[:BATCH,...] (default: tiny:64,128 ddpm:8; --quick: tiny:64,128)")
+                    help="CONFIG[:BATCH,...] (default: tiny:8,16 ddpm:8,16; --quick: tiny:8,16)")
     ap.add_argument("--variants", default=None,
                     help=f"comma-separated (default {DEFAULT_VARIANTS}); choices: "
                          f"{', '.join(list(JAX_VARIANTS) + list(TORCH_VARIANTS))}")
@@ -635,8 +635,8 @@ def main(argv=None) -> None:
     ap.add_argument("--ops", action="store_true",
                     help="instead: layer micro-benchmarks (conv, GroupNorm, dropout), JAX vs PyTorch, "
                          "under both XLA flag settings")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7; --quick 3)")
-    ap.add_argument("--ddpm-reps", type=int, default=5, help="at most this many repetitions for ddpm")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 9; --quick 3)")
+    ap.add_argument("--ddpm-reps", type=int, default=7, help="at most this many repetitions for ddpm")
     ap.add_argument("--rep-seconds", type=float, default=None,
                     help="work per repetition and variant (default 3; --quick 1.5)")
     ap.add_argument("--seed", type=int, default=0)
@@ -663,7 +663,7 @@ def main(argv=None) -> None:
     if args.ops:
         return run_ops(args)
 
-    reps = args.reps or (3 if args.quick else 7)
+    reps = args.reps or (3 if args.quick else 9)
     rep_seconds = args.rep_seconds or (1.5 if args.quick else 3.0)
     cases = parse_cases(args.configs or (["tiny"] if args.quick else ["tiny", "ddpm"]))
     variants = (args.variants or (BREAKDOWN_VARIANTS if args.breakdown else DEFAULT_VARIANTS)).split(",")
@@ -766,6 +766,11 @@ def main(argv=None) -> None:
             if v in JAX_VARIANTS:
                 line += f"  (compile {ready[v]['compile_s']:.0f} s)"
             say(line)
+    if jax_main and torch_main:
+        say("\nratio per repetition (the two ran back to back): median [min, max] of torch / JAX ms per step")
+        for name, batch, times, _ in rows:
+            r = [t / j for t, j in zip(times[torch_main], times[jax_main])]
+            say(f"  {name:<5} b{batch:<4} {med(r):.2f}x [{min(r):.2f}, {max(r):.2f}] over {len(r)} repetitions")
     if say.file:
         say.file.close()
         print(f"(written to {args.out})")

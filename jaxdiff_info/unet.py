@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxdiff_info.layers import Conv, GroupNorm, Linear, add_bias
 from jaxdiff_info.schedule import alpha_bar_at, linear_schedule
 
 __all__ = [
@@ -160,7 +161,7 @@ _zero_init = nnx.initializers.zeros_init()
 
 
 def _conv3x3(cin, cout, *, rngs, strides=1, kernel_init=_default_init):
-    return nnx.Conv(
+    return Conv(
         cin, cout, (3, 3), strides=strides, padding="SAME",
         kernel_init=kernel_init, rngs=rngs,
     )
@@ -168,13 +169,13 @@ def _conv3x3(cin, cout, *, rngs, strides=1, kernel_init=_default_init):
 
 def _nin(cin, cout, *, rngs, kernel_init=_default_init):
     """1x1 convolution ("network in network"), a dense layer on channels."""
-    return nnx.Linear(cin, cout, kernel_init=kernel_init, rngs=rngs)
+    return Linear(cin, cout, kernel_init=kernel_init, rngs=rngs)
 
 
 def _group_norm(c, num_groups, *, rngs):
     # Statistics are always taken in float32, also under a bfloat16 compute dtype.
-    return nnx.GroupNorm(c, num_groups=num_groups, epsilon=1e-6,
-                         dtype=jnp.float32, rngs=rngs)
+    return GroupNorm(c, num_groups=num_groups, epsilon=1e-6,
+                     dtype=jnp.float32, rngs=rngs)
 
 
 def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
@@ -194,6 +195,8 @@ def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
 class ResBlock(nnx.Module):
     """h = x + conv(drop(swish(GN(conv(swish(GN(x))) + W swish(temb)))))."""
 
+    fast_backward: bool = False
+
     def __init__(self, cin: int, cout: int, temb_dim: int, *, dropout: float,
                  num_groups: int, rngs: nnx.Rngs):
         self.norm1 = _group_norm(cin, num_groups, rngs=rngs)
@@ -207,7 +210,8 @@ class ResBlock(nnx.Module):
     def __call__(self, x, temb, rngs: nnx.Rngs | None):
         """x: (B, H, W, cin), temb: (B, temb_dim) -> (B, H, W, cout)."""
         h = self.conv1(nnx.swish(self.norm1(x)))
-        h = h + self.temb_proj(nnx.swish(temb))[:, None, None, :]
+        temb = self.temb_proj(nnx.swish(temb))
+        h = add_bias(h, temb) if self.fast_backward else h + temb[:, None, None, :]
         h = nnx.swish(self.norm2(h))
         h = self.dropout(h, deterministic=rngs is None, rngs=rngs)
         h = self.conv2(h)
@@ -453,6 +457,7 @@ def apply(
     *,
     dropout_key: jax.Array | None = None,
     compute_dtype: Any = None,
+    fast_backward: bool = False,
 ) -> jax.Array:
     """Batched noise prediction eps_theta(x_t, t, k).
 
@@ -469,6 +474,10 @@ def apply(
       compute_dtype: e.g. ``jnp.bfloat16``: dense and convolution layers
         compute in this dtype (parameters stay float32 and are cast on use),
         while GroupNorm, softmax and the output stay float32.
+      fast_backward: the same function, with a backward pass that takes the sums over the
+        pixels (bias, GroupNorm) as matrix products, faster on XLA:CPU (see
+        ``layers.add_bias``); reverse-mode autodiff only (no jax.jvp). The training objective
+        sets it.
 
     Returns:
       eps: (B, H, W, C) float32.
@@ -477,6 +486,8 @@ def apply(
     model = nnx.merge(gdef, params)
     if compute_dtype is not None:
         model = nnx.with_attributes(model, only=(nnx.Conv, nnx.Linear), dtype=compute_dtype)
+    if fast_backward:
+        model = nnx.with_attributes(model, only=(Conv, Linear, GroupNorm, ResBlock), fast_backward=True)
     rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
     return model(jnp.asarray(x_t), t, k, rngs=rngs)
 

@@ -49,7 +49,8 @@ def diffusion_loss(
     x_t = jnp.sqrt(abar) * x_0 + jnp.sqrt(1.0 - abar) * eps
     dropped = jax.random.bernoulli(k_drop, label_dropout, (B,))
     k = jnp.where(dropped, net.null_class, labels)
-    prediction = unet.apply(net, params, x_t, t, k, dropout_key=k_dropout, compute_dtype=compute_dtype)
+    prediction = unet.apply(net, params, x_t, t, k, dropout_key=k_dropout, compute_dtype=compute_dtype,
+                            fast_backward=True)
     return jnp.mean((prediction - eps) ** 2)
 
 
