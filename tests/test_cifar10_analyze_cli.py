@@ -24,12 +24,13 @@ def checkpoint(tmp_path_factory):
     return directory
 
 
-ARGS = ["--samples-per-class", "2", "--steps", "4", "--bootstrap", "10", "--no-progress"]
+IMMSE_ARGS = ["--samples-per-class", "2", "--steps", "4", "--bootstrap", "10", "--no-progress"]
+ARGS = IMMSE_ARGS + ["--no-immse"]  # I-MMSE (two more compiled runs) only in the tests about it
 
 
 def test_writes_every_output(checkpoint, tmp_path, capsys):
     out = tmp_path / "analysis"
-    assert main(["analyze", "--checkpoint", str(checkpoint), "--out", str(out)] + ARGS) == 0
+    assert main(["analyze", "--checkpoint", str(checkpoint), "--out", str(out)] + IMMSE_ARGS) == 0
     from experiments.cifar10.analyze import IMMSE_OUTPUTS, OUTPUTS
     for name in OUTPUTS + IMMSE_OUTPUTS:
         assert (out / name).stat().st_size > 0, name
@@ -82,17 +83,17 @@ def test_a_model_without_null_class_needs_no_immse(tmp_path, capsys):
                                   num_examples=16, steps=1, batch_size=8, lr=1e-3, warmup=1, save_every=1,
                                   samples_per_class=0, log_every=1, label_dropout=0.0)
     training.train(config, progress=False)
-    code, err = _run_expect_2(["--checkpoint", str(directory), "--out", str(tmp_path / "o")] + ARGS, capsys)
+    code, err = _run_expect_2(["--checkpoint", str(directory), "--out", str(tmp_path / "o")] + IMMSE_ARGS, capsys)
     assert code == 2 and "no null class" in err and "--no-immse" in err and "\n" not in err
     assert not (tmp_path / "o").exists()
-    code, err = _run_expect_2(["--checkpoint", str(directory), "--out", str(tmp_path / "o"), "--guidance", "1",
-                               "--no-immse"] + ARGS, capsys)
+    code, err = _run_expect_2(["--checkpoint", str(directory), "--out", str(tmp_path / "o"), "--guidance", "1"] + ARGS,
+                              capsys)
     assert code == 2 and "no null class" in err and "classifier-free guidance" in err
 
 
 def test_no_immse(checkpoint, tmp_path):
     out = tmp_path / "plain"
-    assert main(["analyze", "--checkpoint", str(checkpoint), "--out", str(out), "--no-immse"] + ARGS) == 0
+    assert main(["analyze", "--checkpoint", str(checkpoint), "--out", str(out)] + ARGS) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["estimators"] == ["online"] and "immse" not in summary
     assert not (out / "class_information.png").exists()
@@ -111,14 +112,24 @@ def _run_expect_2(args, capsys):
     (["--samples-per-class", "1"], "--samples-per-class must be >= 2"),
     (["--steps", "2000"], "only 1000"),
     (["--steps", "1"], "--steps must be >= 2"),
-    (["--immse-samples-per-class", "1"], "--immse-samples-per-class must be >= 2"),
-    (["--immse-samples-per-class", "1001"], "more than the 1000 held-out images of the smallest class"),
-    (["--immse-samples-per-class", "4", "--no-immse"], "drop it or --no-immse"),
+    (["--immse-samples-per-class", "4"], "drop it or --no-immse"),
 ])
 def test_bad_settings(checkpoint, tmp_path, capsys, extra, message):
+    """(with --no-immse: I-MMSE's own settings are in test_bad_immse_settings)"""
     code, err = _run_expect_2(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "o")] + ARGS + extra, capsys)
     assert code == 2 and message in err and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "o" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--immse-samples-per-class", "1"], "--immse-samples-per-class must be >= 2"),
+    (["--immse-samples-per-class", "1001"], "more than the 1000 held-out images of the smallest class"),
+])
+def test_bad_immse_settings(checkpoint, tmp_path, capsys, extra, message):
+    code, err = _run_expect_2(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "o")] + IMMSE_ARGS + extra,
+                              capsys)
+    assert code == 2 and message in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_missing_checkpoint(tmp_path, capsys):

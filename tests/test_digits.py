@@ -197,7 +197,7 @@ def test_choose_problems():
 
 MICRO = unet.UNetConfig(ch=8, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
                         num_classes=10, num_groups=4)  # 32x32x3 as registered; sized for the digits by train
-ARGS = ["--samples-per-class", "2", "--steps", "4", "--bootstrap", "10", "--no-progress"]
+ARGS = ["--samples-per-class", "2", "--steps", "4", "--bootstrap", "10", "--no-progress", "--no-immse"]
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +275,7 @@ def test_compare_references_writes_the_overlay_and_the_differences(checkpoint, t
     out = tmp_path / "cmp"
     assert main(["analyze", "--checkpoint", str(checkpoint), "--compare-references", "--steps", "10",
                  "--samples-per-class", "2", "--bootstrap", "10", "--no-progress", "--out", str(out),
-                 "--problem", "0 vs 1"]) == 0
+                 "--problem", "0 vs 1", "--no-immse"]) == 0
     assert (out / "references.png").stat().st_size > 0
     summary = json.loads((out / "summary.json").read_text())
     refs = summary["references"]

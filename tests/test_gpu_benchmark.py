@@ -77,8 +77,9 @@ def test_train_fields(smoke):
         assert positive(t[key]), key
     # XLA's cost analysis of the lowered step: there on the CPU; null elsewhere if a backend has none
     assert positive(t["xla_flops_per_image"]) or (t["xla_flops_per_image"] is None and r["device"]["accelerator"])
-    # forward + backward: about 3 x the forward (the first convolution has no input gradient)
-    assert 2.5 < t["train_flops_per_image"] / t["forward_flops_per_image"] <= 3.0
+    # forward + backward: about 3 x the forward (the first convolution has no input gradient; the backward's
+    # sums over pixels are products with a vector of ones, jaxdiff_info.layers, and count too)
+    assert 2.5 < t["train_flops_per_image"] / t["forward_flops_per_image"] <= 3.1
     for dtype in ("float32", "bfloat16"):
         v = t[dtype]
         for key in ("compile_s", "warmup_s", "steps_per_s", "images_per_s", "tflops_per_s", "compiled_bytes"):
