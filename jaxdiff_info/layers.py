@@ -146,3 +146,37 @@ class GroupNorm(nnx.GroupNorm):
             return super().__call__(x)
         x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
         return _group_norm_fn(x, scale, bias, self.num_groups, self.epsilon)
+
+
+DROPOUT_BITS = 16  # random bits per element of a dropout mask
+
+
+def dropout_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> tuple[jax.Array, float]:
+    """A keep mask of ``shape`` and the probability of keeping, from 16 random bits per element.
+
+    Each element is kept iff its 16-bit uniform integer u satisfies u >= round(rate * 2^16),
+    so that the keep probability is 1 - round(rate * 2^16) / 2^16 (rate 0.1: 0.8999939). The
+    bits are drawn as 32-bit words along the last axis, two elements per word: half the draw
+    of ``jax.random.bernoulli``, which XLA:CPU runs on one core (benchmarks/README.md).
+    """
+    threshold = round(rate * 2 ** DROPOUT_BITS)
+    *lead, C = shape
+    words = jax.random.bits(key, (*lead, (C + 1) // 2), jnp.uint32)
+    u = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*lead, 2 * ((C + 1) // 2))[..., :C]
+    return u >= threshold, 1.0 - threshold / 2 ** DROPOUT_BITS
+
+
+class Dropout(nnx.Dropout):
+    """``nnx.Dropout`` (no broadcast dimensions) with ``dropout_mask``: x / p where kept, 0
+    elsewhere, p the mask's keep probability, so that E[output] = x exactly."""
+
+    def __call__(self, inputs, *, deterministic: bool | None = None, rngs: nnx.Rngs | None = None):
+        deterministic = self.deterministic if deterministic is None else deterministic
+        if self.rate == 0.0 or deterministic:
+            return inputs
+        if self.broadcast_dims:
+            raise ValueError("layers.Dropout has no broadcast_dims; use nnx.Dropout")
+        if rngs is None:
+            raise ValueError("dropout is on but no rngs were given")
+        keep, p = dropout_mask(rngs[self.rng_collection](), inputs.shape, self.rate)
+        return jnp.where(keep, inputs * jnp.asarray(1.0 / p, inputs.dtype), jnp.zeros_like(inputs))

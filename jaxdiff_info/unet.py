@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdiff_info.layers import Conv, GroupNorm, Linear, add_bias
+from jaxdiff_info.layers import Conv, Dropout, GroupNorm, Linear, add_bias
 from jaxdiff_info.schedule import alpha_bar_at, linear_schedule
 
 __all__ = [
@@ -203,7 +203,7 @@ class ResBlock(nnx.Module):
         self.conv1 = _conv3x3(cin, cout, rngs=rngs)
         self.temb_proj = nnx.Linear(temb_dim, cout, kernel_init=_default_init, rngs=rngs)
         self.norm2 = _group_norm(cout, num_groups, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv2 = _conv3x3(cout, cout, kernel_init=_zero_init, rngs=rngs)
         self.shortcut = _nin(cin, cout, rngs=rngs) if cin != cout else None
 

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxdiff_info import layers, unet
 
@@ -67,3 +68,30 @@ def test_add_bias_gradient_is_the_sum_over_pixels():
         gy, gb = jax.grad(lambda y, b: jnp.sum(w * layers.add_bias(y, b)), (0, 1))(y, bias)
         np.testing.assert_allclose(gy, w)
         np.testing.assert_allclose(gb, w.sum(axis=(0, 1, 2)) if bias.ndim == 1 else w.sum(axis=(1, 2)), atol=1e-5)
+
+
+def test_dropout_mask_keeps_at_its_stated_rate_and_is_unbiased():
+    key = jax.random.key(3, impl="rbg")
+    for shape in ((64, 16, 16, 32), (4096, 7)):  # an even and an odd last axis
+        keep, p = layers.dropout_mask(key, shape, 0.1)
+        assert keep.shape == shape and keep.dtype == jnp.bool_
+        assert p == 1 - 6554 / 65536
+        n = keep.size
+        frac = float(jnp.mean(keep))
+        assert abs(frac - p) < 5 * np.sqrt(p * (1 - p) / n), (frac, p)  # 5 binomial sd
+        # independent along the last axis (the two halves of each 32-bit word): the fraction
+        # of pairs with both kept is p^2
+        both = float(jnp.mean(keep[..., 0:shape[-1] - 1:2] & keep[..., 1::2]))
+        m = keep[..., 1::2].size
+        assert abs(both - p * p) < 5 * np.sqrt(p * p * (1 - p * p) / m), (both, p * p)
+    x = jnp.ones((256, 8, 8, 16))
+    drop = layers.Dropout(0.1)
+    out = drop(x, deterministic=False, rngs=nnx.Rngs(dropout=key))
+    kept = out != 0
+    np.testing.assert_allclose(out[kept], 1 / p, rtol=1e-6)
+    assert abs(float(out.mean()) - 1.0) < 5 * np.sqrt((1 - p) / p / x.size)  # E[out] = x
+    assert drop(x, deterministic=True) is x and layers.Dropout(0.0)(x, deterministic=False) is x
+    # another key, another mask; the same key, the same mask
+    k2 = jax.random.key(4, impl="rbg")
+    assert bool(jnp.any(layers.dropout_mask(k2, x.shape, 0.1)[0] != layers.dropout_mask(key, x.shape, 0.1)[0]))
+    np.testing.assert_array_equal(layers.dropout_mask(key, x.shape, 0.1)[0], layers.dropout_mask(key, x.shape, 0.1)[0])
