@@ -15,13 +15,19 @@ Timeouts, in seconds, from the environment:
                                   "Terminating process because the JAX distributed service
                                   detected fatal errors", instead of waiting in a collective
                                   forever
+
+`one_line_fatal_errors` (the CLIs call it) turns that termination, which JAX writes as several
+log lines and a stack trace, into one line on stderr.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any, Mapping
 
 import jax
@@ -117,6 +123,28 @@ def initialize(env: Mapping[str, str] | None = None) -> bool:
         raise ValueError(f"cannot start jax.distributed ({' '.join(str(e).split())[:300]}); it must start before any "
                          f"JAX computation") from None
     return True
+
+
+def one_line_fatal_errors(env: Mapping[str, str] | None = None) -> None:
+    """From now on, this process's stderr (file descriptor 2) passes through
+    `jaxdiff_info/stderr_filter.py`, a process of its own: what JAX's distributed runtime writes
+    when it ends this process because another died (error lines, a fatal line, a stack trace)
+    becomes one line; everything else passes unchanged. For a running jax.distributed job only
+    (nothing happens otherwise); the CLIs call it after `initialize`."""
+    if not jax.distributed.is_initialized() or getattr(one_line_fatal_errors, "filter", None) is not None:
+        return
+    env = os.environ if env is None else env
+    heartbeat = env.get("JAXDIFF_INFO_HEARTBEAT_TIMEOUT", str(HEARTBEAT_TIMEOUT))
+    sys.stderr.flush()
+    read, write = os.pipe()
+    original = os.dup(2)
+    one_line_fatal_errors.filter = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("stderr_filter.py")), heartbeat],
+        stdin=read, stdout=original, stderr=original, close_fds=True)
+    os.close(read)
+    os.close(original)
+    os.dup2(write, 2)  # the filter ends when the last copy of this end closes: at exit
+    os.close(write)
 
 
 def is_primary() -> bool:

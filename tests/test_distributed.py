@@ -174,6 +174,65 @@ def test_a_process_that_dies_ends_the_others(checkpoint, tmp_path):
     start = time.monotonic()
     code, _, err = finish(procs[:1], timeout=120)[0]
     assert code != 0 and time.monotonic() - start < 90
-    assert "another task died" in err or "distributed service detected fatal errors" in err, err[-2000:]
+    # JAX's termination (error lines, a fatal line, a stack trace) is one line
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: Terminating process because the JAX distributed service detected fatal "
+                                "errors: another process of the job died") and "= 10 s" in lines[-1], err[-2000:]
+    assert "Check failure stack trace" not in err and "coordination_service" not in err, err[-2000:]
     assert not list((tmp_path / "o").glob("*.json")) and not list((tmp_path / "o").glob("*.npz"))  # nothing written
     procs[1].communicate()
+
+
+# --- JAX's fatal errors as one line (jaxdiff_info/stderr_filter.py) ---------------------------------
+
+FILTER = Path(distributed.__file__).with_name("stderr_filter.py")
+TERMINATION = (  # as JAX 0.10 writes it when another process stops sending heartbeats
+    b"E1201 22:31:35.398042   10439 coordination_service.cc:1549] [1247] Use error polling to propagate the "
+    b"following error to all tasks: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):\n"
+    b"1\nThe tasks have crashed. [type.googleapis.com/tensorflow.CoordinationServiceError='']\n"
+    b"E1201 22:31:35.398270   10450 coordination_service_agent.cc:289] Polled an error from coordination service.\n"
+    b"F1201 22:31:35.398669   10450 client.h:80] Terminating process because the JAX distributed service detected "
+    b"fatal errors. This most likely indicates that another task died; see the other task logs.\n"
+    b"RPC: /xla.coordination.CoordinationService/PollForError\n*** Check failure stack trace: ***\n"
+    b"    @     0x7f6e64440634  absl::lts_20260107::log_internal::LogMessage::SendToLog()\n")
+
+
+def filtered(chunks, heartbeat="10"):
+    """What the filter writes for stderr written in ``chunks``."""
+    proc = subprocess.Popen([sys.executable, str(FILTER), heartbeat], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    for chunk in chunks:
+        proc.stdin.write(chunk)
+        proc.stdin.flush()
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    return out
+
+
+def test_the_runtime_s_termination_becomes_one_line_and_the_rest_passes_unchanged():
+    before = b"analyze: 10 trajectories\n\r 10%|#   | 1/10\r 20%|##  | 2/10"
+    # in pieces, the log line starting on the progress bar's line, split inside its prefix
+    for chunks in ([before, TERMINATION[:100], TERMINATION[100:]], [before + TERMINATION[:9], TERMINATION[9:]]):
+        out = filtered(chunks)
+        assert out.startswith(before)
+        tail = out[len(before):].decode()
+        assert tail.count("\n") == 1 and tail.startswith(
+            "error: Terminating process because the JAX distributed service detected fatal errors: another process "
+            "of the job died or did not answer for JAXDIFF_INFO_HEARTBEAT_TIMEOUT = 10 s"), tail
+    # runtime error lines with no fatal one after them, and other E lines, pass unchanged
+    errors = TERMINATION[:TERMINATION.index(b"F1201")]
+    other = b"E1201 22:00:00.000001   17 gloo.cc:12] something else\nTraceback (most recent call last):\n"
+    assert filtered([other, errors, b"done\n"]) == other + errors + b"done\n"
+
+
+def test_a_progress_bar_passes_at_once():
+    proc = subprocess.Popen([sys.executable, str(FILTER), "10"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    proc.stdin.write(b"\r 50%|#####     | 5/10")
+    proc.stdin.flush()
+    os.set_blocking(proc.stdout.fileno(), False)
+    got, deadline = b"", time.monotonic() + 20
+    while not got.endswith(b"5/10") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        got += proc.stdout.read() or b""
+    proc.stdin.close()
+    proc.wait(timeout=10)
+    assert got == b"\r 50%|#####     | 5/10"

@@ -204,7 +204,8 @@ def run(config: AnalyzeConfig) -> dict:
     if config.samples_per_class < 2:
         raise ValueError(f"--samples-per-class must be >= 2, got {config.samples_per_class}")
     check_sources(config)
-    distributed.initialize()
+    if distributed.initialize():
+        distributed.one_line_fatal_errors()  # JAX's termination when another process dies: one line
     if config.reference is not None:
         return run_reference(config)
     model = training.load_checkpoint(config.checkpoint, step=config.checkpoint_step, use_ema=config.use_ema)

@@ -96,12 +96,14 @@ def config_from_args(a: argparse.Namespace):
 
 def run_from_args(a: argparse.Namespace) -> int:
     """The CLI: 0 when done, 2 (one line on stderr, nothing written) on bad input, 130/143 on a signal."""
-    from jaxdiff_info import training
+    from jaxdiff_info import distributed, training
 
     start = time.perf_counter()
 
     def command():
         config = config_from_args(a)
+        if distributed.initialize():  # (train would start it; here first, to filter its fatal errors)
+            distributed.one_line_fatal_errors()
         return config, training.train(config, progress=not a.no_progress)
 
     try:
