@@ -13,8 +13,10 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import stat
 import tempfile
 from pathlib import Path
@@ -47,6 +49,9 @@ def staged_outputs(out: str | os.PathLike, outputs: Sequence[str], overwrite: bo
     cannot be moved: its files are replaced one by one. On an exception (Ctrl-C included)
     the stage and the parent folders it created are removed and `out` is left as it was; a
     Ctrl-C held back during the swap came after the run was complete, and is dropped.
+    A stage is named after the process that writes it (`.<name>.partial-<pid>@<host>-XXXX`):
+    the stages of `out` that a process of this host left when it was killed (SIGKILL, or an
+    abort) are removed on entry (`remove_stale_stages`).
     An OSError while creating the stage, writing into it (`WriteError`) or moving it becomes
     ValueError "cannot write results to OUT: <strerror>; choose another --out".
     """
@@ -54,6 +59,7 @@ def staged_outputs(out: str | os.PathLike, outputs: Sequence[str], overwrite: bo
     names = tuple(dict.fromkeys((*outputs, *replaces)))
     _refuse_to_replace(out, names, overwrite)
     target = Path(os.path.realpath(out))
+    remove_stale_stages(target)
     try:
         stage, in_place, created = _make_stage(target)
     except OSError as e:
@@ -92,6 +98,46 @@ def _cannot_write(out: Path, error: OSError) -> ValueError:
     return ValueError(f"cannot write results to {out}: {error.strerror or error}; choose another --out")
 
 
+def _owner() -> str:
+    """<pid>@<host> of this process, as a stage's name carries it."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_stages(target: str | os.PathLike) -> list[Path]:
+    """Remove the stage folders of `target` (beside it, `.<name>.partial-*`, and inside it,
+    `.partial-*`) whose writing process, of this host, no longer runs: the incomplete outputs
+    of a run killed with SIGKILL (or aborted). Stages of live processes and of other hosts
+    stay, and so does a `.<name>.previous-*` folder (the earlier results, moved aside by a swap
+    that was killed half-way). Returns the folders removed."""
+    target = Path(os.path.realpath(target))
+    host = socket.gethostname()
+    beside = re.compile(rf"^\.{re.escape(target.name)}\.partial-(\d+)@(.+)-[^-]+$")
+    inside = re.compile(r"^\.partial-(\d+)@(.+)-[^-]+$")
+    candidates = []
+    for folder, pattern in ((target.parent, beside), (target, inside)):
+        with contextlib.suppress(OSError):
+            for entry in folder.iterdir():
+                m = pattern.match(entry.name)
+                if m is not None and entry.is_dir() and not entry.is_symlink():
+                    candidates.append((entry, int(m.group(1)), m.group(2)))
+    removed = []
+    for entry, pid, owner_host in candidates:
+        if owner_host == host and not _alive(pid):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
 def _make_stage(target: Path) -> tuple[Path, bool, list[Path]]:
     """A new stage folder for `target`; whether it is inside `target`; the parent folders made.
 
@@ -104,13 +150,13 @@ def _make_stage(target: Path) -> tuple[Path, bool, list[Path]]:
         cwd = Path.cwd()
         if not (os.path.ismount(target) or target == cwd or target in cwd.parents):
             with contextlib.suppress(OSError):
-                return Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=parent)), False, []
-        return Path(tempfile.mkdtemp(prefix=".partial-", dir=target)), True, []
+                return Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{_owner()}-", dir=parent)), False, []
+        return Path(tempfile.mkdtemp(prefix=f".partial-{_owner()}-", dir=target)), True, []
     created = [p for p in (parent, *parent.parents) if not p.exists()]
     try:
         for folder in reversed(created):
             folder.mkdir()
-        return Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=parent)), False, created
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{_owner()}-", dir=parent)), False, created
     except OSError:
         _remove_folders(created)
         raise

@@ -4,6 +4,7 @@ and the results already in --out stay as they were."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -295,3 +296,25 @@ def test_ctrl_c_during_a_gmm_run(tmp_path, earlier):
     assert (code, err) == (130, f"{gmm.PROG}: interrupted; nothing was written; the results in {earlier} "
                                 f"are unchanged\n")
     assert snapshot(earlier) == before and leftovers(tmp_path) == []
+
+
+def test_stages_a_killed_run_left_are_removed_and_no_other_folder(tmp_path):
+    out, host = tmp_path / "out", socket.gethostname()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process id that no longer runs
+    stale = tmp_path / f".out.partial-{gone.pid}@{host}-abc1de_2"
+    stale_inside = out / f".partial-{gone.pid}@{host}-abcdefgh"
+    kept = [tmp_path / f".out.partial-{os.getpid()}@{host}-zzzzzzzz",        # a live process's
+            tmp_path / f".out.partial-{gone.pid}@elsewhere.example-abcdefgh",  # another host's
+            tmp_path / f".out.previous-{gone.pid}@{host}-abc1de_2",           # earlier results moved aside
+            tmp_path / f".outer.partial-{gone.pid}@{host}-abc1de_2"]          # another output folder's
+    for folder in (stale, stale_inside, *kept):
+        folder.mkdir(parents=True)
+        (folder / "curves.npz").write_bytes(b"incomplete")
+    (out / "notes.txt").write_text("mine")
+    with results.staged_outputs(out, ["summary.json"], False) as stage:
+        assert stage.name.startswith(f".out.partial-{os.getpid()}@{host}-")
+        (stage / "summary.json").write_text("{}")
+    assert not stale.exists() and not stale_inside.exists()
+    assert all(folder.exists() for folder in kept)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "summary.json"]
