@@ -35,6 +35,8 @@ machine load hits all alike. A repetition runs the same number of steps in every
     jax-local     as `jax`, with the local step of this file even if the library has one
     jax-nodrop    as `jax`, network with dropout 0 (no random masks)     [--breakdown]
     jax-fwd       forward and loss only, no gradient, no update          [--breakdown]
+    jax-concurrent       as `jax`, + --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED
+    jax-legacy-emitters  as `jax`, + --xla_cpu_use_fusion_emitters=false
     torch         PyTorch, 2 threads, OMP_WAIT_POLICY=PASSIVE
     torch-spin    PyTorch, 2 threads, libgomp's default (spinning) wait policy
     torch-1t      PyTorch, 1 thread
@@ -83,6 +85,10 @@ JAX_VARIANTS = {
     "jax-local": ("library", "rbg", "step", "local"),
     "jax-nodrop": ("library", "rbg", "nodrop", "auto"),
     "jax-fwd": ("library", "rbg", "fwd", "auto"),
+    # the library's flags plus one more (XLA:CPU options that could use both cores)
+    "jax-concurrent": ("library --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED", "rbg", "step",
+                       "auto"),
+    "jax-legacy-emitters": ("library --xla_cpu_use_fusion_emitters=false", "rbg", "step", "auto"),
 }
 # name: (threads, OMP_WAIT_POLICY or None, channels_last, part)
 TORCH_VARIANTS = {
@@ -97,6 +103,7 @@ LABELS = {
     "jax": "JAX, lib XLA flags", "jax-xla": "JAX, XLA default flags",
     "jax-threefry": "JAX, threefry key", "jax-local": "JAX, local step",
     "jax-nodrop": "JAX, no dropout", "jax-fwd": "JAX, forward only",
+    "jax-concurrent": "JAX, concurrency scheduler", "jax-legacy-emitters": "JAX, legacy fusion emitters",
     "torch": "PyTorch 2 thr passive", "torch-spin": "PyTorch 2 thr spin-wait",
     "torch-1t": "PyTorch 1 thread", "torch-cl": "PyTorch channels_last",
     "torch-nodrop": "PyTorch, no dropout", "torch-fwd": "PyTorch, forward only",
@@ -133,6 +140,15 @@ def fixed_batch(config, batch: int, seed: int):
 
 
 # --- JAX ---------------------------------------------------------------------------------
+
+def library_dropout(rate: float):
+    """jaxdiff_info.layers.Dropout(rate) (the U-Net's dropout), or None where it does not exist."""
+    try:
+        from jaxdiff_info.layers import Dropout
+    except ImportError:
+        return None
+    return Dropout(rate)
+
 
 def library_step_api():
     """jaxdiff_info.training when it provides the pieces used here, else (None, reason)."""
@@ -203,6 +219,8 @@ def jax_worker(args) -> None:
             os.environ.pop("XLA_FLAGS", None)
         else:
             os.environ["XLA_FLAGS"] = original_flags
+    elif xla.startswith("library "):  # one more flag
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla.split(" ", 1)[1]).strip()
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -467,11 +485,14 @@ def ops_worker(args) -> None:
         def gn_t(x, s, b):
             return F.silu(F.group_norm(x, G, s, b, eps=1e-6))
 
-        drop = nnx.Dropout(0.1)
+        drop, drop_lib = nnx.Dropout(0.1), library_dropout(0.1)
         key = jax.random.key(0, impl="rbg")
 
         def drop_j(x, key):
             return drop(x, deterministic=False, rngs=key)
+
+        def drop_lib_j(x, key):
+            return drop_lib(x, deterministic=False, rngs=key)
 
         for grad in (False, True):
             mode = "fwd+bwd" if grad else "fwd"
@@ -479,9 +500,13 @@ def ops_worker(args) -> None:
                           torch_fn(conv_t, xt.clone(), wt.clone(), grad=grad)))
             cases.append((f"GroupNorm+swish {tag} {mode}", jax_fn(gn_j, xj, gstate, grad=grad),
                           torch_fn(gn_t, xt.clone(), gscale.clone(), gbias.clone(), grad=grad)))
-        cases.append((f"dropout 0.1 {tag} fwd (mask drawn)",
+        cases.append((f"dropout 0.1 {tag} fwd (flax, 32-bit mask)",
                       lambda f=jax.jit(drop_j), a=xj: jax.block_until_ready(f(a, key)),
                       lambda a=xt: F.dropout(a, 0.1, training=True)))
+        if drop_lib is not None:
+            cases.append((f"dropout 0.1 {tag} fwd (library, 16-bit)",
+                          lambda f=jax.jit(drop_lib_j), a=xj: jax.block_until_ready(f(a, key)),
+                          lambda a=xt: F.dropout(a, 0.1, training=True)))
     times = {name: ([], []) for name, _, _ in cases}
     for _ in range(args.reps or 5):
         for name, fj, ft in cases:

@@ -10,6 +10,9 @@ benchmarks/README.md). The layers below compute the same values as their flax co
 ``fast_backward`` is set (``apply(..., fast_backward=True)``, as the training objective
 does); their gradients are custom reverse-mode rules, so forward-mode autodiff (jax.jvp)
 does not go through them.
+
+``Dropout`` (used with or without ``fast_backward``) draws its mask from 16 random bits per
+element instead of jax.random.bernoulli's 32 (``dropout_mask``).
 """
 
 from __future__ import annotations
@@ -170,7 +173,7 @@ class Dropout(nnx.Dropout):
     """``nnx.Dropout`` (no broadcast dimensions) with ``dropout_mask``: x / p where kept, 0
     elsewhere, p the mask's keep probability, so that E[output] = x exactly."""
 
-    def __call__(self, inputs, *, deterministic: bool | None = None, rngs: nnx.Rngs | None = None):
+    def __call__(self, inputs, *, deterministic: bool | None = None, rngs: nnx.Rngs | jax.Array | None = None):
         deterministic = self.deterministic if deterministic is None else deterministic
         if self.rate == 0.0 or deterministic:
             return inputs
@@ -178,5 +181,6 @@ class Dropout(nnx.Dropout):
             raise ValueError("layers.Dropout has no broadcast_dims; use nnx.Dropout")
         if rngs is None:
             raise ValueError("dropout is on but no rngs were given")
-        keep, p = dropout_mask(rngs[self.rng_collection](), inputs.shape, self.rate)
+        key = rngs if isinstance(rngs, jax.Array) else rngs[self.rng_collection]()
+        keep, p = dropout_mask(key, inputs.shape, self.rate)
         return jnp.where(keep, inputs * jnp.asarray(1.0 / p, inputs.dtype), jnp.zeros_like(inputs))
