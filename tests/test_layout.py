@@ -19,6 +19,7 @@ ALLOWED = {
     # the tracker and the estimators on it
     "tracking": {"schedule"},
     "distributed": set(),  # several processes: start, gather to the host, who writes
+    "stderr_filter": set(),  # run by distributed as a script of its own: imports nothing of the library
     "estimators": CORE | {"tracking", "distributed"},
     "immse": CORE | {"tracking", "estimators", "distributed"},
     # the research API on those, the image analysis on the API
