@@ -91,12 +91,22 @@ def test_a_model_without_null_class_needs_no_immse(tmp_path, capsys):
     assert code == 2 and "no null class" in err and "classifier-free guidance" in err
 
 
-def test_no_immse(checkpoint, tmp_path):
+def test_no_immse(checkpoint, tmp_path, capsys):
     out = tmp_path / "plain"
     assert main(["analyze", "--checkpoint", str(checkpoint), "--out", str(out)] + ARGS) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["estimators"] == ["online"] and "immse" not in summary
     assert not (out / "class_information.png").exists()
+    # --bf16: the same run with the network's layers in bfloat16, said in the summary, close to float32
+    assert summary["network_compute_dtype"] == "float32"
+    assert main(["analyze", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "bf16"), "--bf16"] + ARGS) == 0
+    low = json.loads((tmp_path / "bf16" / "summary.json").read_text())
+    assert low["network_compute_dtype"].startswith("bfloat16")
+    h32, h16 = (np.array([p["entropy_bits"]["online"] for p in s["problems"]]) for s in (summary, low))
+    assert 0 < np.abs(h16 - h32).max() < 0.1, np.abs(h16 - h32).max()
+    code, err = _run_expect_2(["--reference", "gaussian", "--dataset", "digits", "--bf16", "--out",
+                               str(tmp_path / "r")] + ARGS, capsys)
+    assert code == 2 and "--bf16 sets the precision of a network: give --checkpoint" in err
 
 
 def _run_expect_2(args, capsys):
