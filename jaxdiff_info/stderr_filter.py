@@ -23,9 +23,10 @@ import sys
 import time
 
 HOLD_SECONDS = 5.0
-# absl log lines of severity E or F from JAX's distributed runtime, e.g.
+# absl log lines of severity W, E or F from JAX's distributed runtime, e.g.
 # "E1201 22:31:35.398042   10439 coordination_service.cc:1549] ..."
-RUNTIME_LOG = re.compile(rb"[EF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ (coordination_\w*|client|distributed\w*)\.(cc|h):\d+\]")
+RUNTIME_LOG = re.compile(
+    rb"[WEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ (coordination_\w*|client|distributed\w*|preemption_\w*)\.(cc|h):\d+\]")
 FATAL = re.compile(rb"F\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\] ?(.*)")
 LINE_END = re.compile(rb"[\r\n]")
 
@@ -80,7 +81,7 @@ def run(source: int, sink: int, heartbeat: str) -> None:
         # a line still being written (a progress bar) goes on at once, up to where a log line
         # may be starting
         if held is None and pending:
-            cut = max(pending.rfind(b"E"), pending.rfind(b"F"))
+            cut = max(pending.rfind(b"W"), pending.rfind(b"E"), pending.rfind(b"F"))
             write(pending if cut < 0 else pending[:cut])
             pending = b"" if cut < 0 else pending[cut:]
     write(b"".join(held or []) + pending)

@@ -166,21 +166,22 @@ def test_train_on_two_processes_is_one_process_with_two_devices(tmp_path):
 
 
 @pytest.mark.slow  # waits for the heartbeat timeout
-def test_a_process_that_dies_ends_the_others(checkpoint, tmp_path):
+@pytest.mark.parametrize("dead", [1, 0])  # a worker, or the coordinator
+def test_a_process_that_dies_ends_the_others(checkpoint, tmp_path, dead):
     args = [*ANALYZE, "--checkpoint", checkpoint, "--out", tmp_path / "o", "--steps", "1000", "--no-immse"]
     procs = launch(args, 2, free_port(), JAXDIFF_INFO_HEARTBEAT_TIMEOUT="10")
     time.sleep(25)  # started and computing
-    procs[1].kill()
+    procs[dead].kill()
     start = time.monotonic()
-    code, _, err = finish(procs[:1], timeout=120)[0]
+    code, _, err = finish(procs[1 - dead:2 - dead], timeout=120)[0]
     assert code != 0 and time.monotonic() - start < 90
     # JAX's termination (error lines, a fatal line, a stack trace) is one line
     lines = err.strip().splitlines()
-    assert lines[-1].startswith("error: Terminating process because the JAX distributed service detected fatal "
-                                "errors: another process of the job died") and "= 10 s" in lines[-1], err[-2000:]
+    assert lines[-1].startswith("error: ") and "another process of the job died" in lines[-1] \
+        and "= 10 s" in lines[-1], err[-2000:]
     assert "Check failure stack trace" not in err and "coordination_service" not in err, err[-2000:]
     assert not list((tmp_path / "o").glob("*.json")) and not list((tmp_path / "o").glob("*.npz"))  # nothing written
-    procs[1].communicate()
+    procs[dead].communicate()
 
 
 # --- JAX's fatal errors as one line (jaxdiff_info/stderr_filter.py) ---------------------------------
@@ -195,6 +196,13 @@ TERMINATION = (  # as JAX 0.10 writes it when another process stops sending hear
     b"fatal errors. This most likely indicates that another task died; see the other task logs.\n"
     b"RPC: /xla.coordination.CoordinationService/PollForError\n*** Check failure stack trace: ***\n"
     b"    @     0x7f6e64440634  absl::lts_20260107::log_internal::LogMessage::SendToLog()\n")
+
+COORDINATOR_LOST = (  # what a worker writes when the coordinator (process 0) was killed
+    b"W1201 23:30:08.302461   23708 preemption_sync_manager.cc:147] Failed to retrieve preemption notice from "
+    b"coordination service: UNAVAILABLE: Socket closed\nAdditional GRPC error information from remote target "
+    b"coordination_service while calling /xla.coordination.CoordinationService/GetKeyValue:\n"
+    b"E1201 23:30:08.302512   23708 preemption_sync_manager.cc:159] Failed to cancel preemption barrier\n"
+    + TERMINATION[TERMINATION.index(b"F1201"):])
 
 
 def filtered(chunks, heartbeat="10"):
@@ -211,7 +219,8 @@ def filtered(chunks, heartbeat="10"):
 def test_the_runtime_s_termination_becomes_one_line_and_the_rest_passes_unchanged():
     before = b"analyze: 10 trajectories\n\r 10%|#   | 1/10\r 20%|##  | 2/10"
     # in pieces, the log line starting on the progress bar's line, split inside its prefix
-    for chunks in ([before, TERMINATION[:100], TERMINATION[100:]], [before + TERMINATION[:9], TERMINATION[9:]]):
+    for chunks in ([before, TERMINATION[:100], TERMINATION[100:]], [before + TERMINATION[:9], TERMINATION[9:]],
+                   [before, COORDINATOR_LOST]):
         out = filtered(chunks)
         assert out.startswith(before)
         tail = out[len(before):].decode()
