@@ -118,3 +118,17 @@ def test_a_d_dimensional_spec_uses_the_energy_distance(tmp_path):
     assert [e["method"] for e in summary["results"]] == ["dng", "exact"]
     assert set(np.load(out / "samples.npz").files) == {"dng", "exact"}
     assert summary["results"][0]["forbidden_fraction"] < 0.05
+
+
+def test_the_cli_defaults_are_the_library_s():
+    """experiments/guidance.py keeps its own copy of the published variant's defaults (its module
+    does not import JAX, so that --help is quick); they must be jaxdiff_info.guidance.Guidance's."""
+    import dataclasses
+
+    from jaxdiff_info.guidance import Guidance
+
+    library = {f.name: f.default for f in dataclasses.fields(Guidance)}
+    cli = {f.name: f.default for f in dataclasses.fields(cmd.Config)}
+    for name in ("max_ratio", "temperature", "offset", "p_min", "p_max"):
+        assert cli[name] == library[name], name
+    assert cli["published_prior"] == library["prior"]
