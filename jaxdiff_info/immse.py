@@ -257,7 +257,8 @@ def network_information_block_sums(eps, params, schedule: Schedule, x_0: jax.Arr
         def body(carry, inputs):
             integral, f_prev = carry
             t, step, ab, g, a_i, b_i = inputs
-            f = integrands(p, t, step, ab, g)
+            # the padded no-op steps of a last, short chunk (t = 0) skip the network
+            f = jax.lax.cond(t > 0, lambda: integrands(p, t, step, ab, g), lambda: jnp.zeros_like(f_prev))
             f_prev = jnp.where(t == schedule.num_steps, f, f_prev)  # f(gamma = 0) ~ f(gamma_T)
             integral = jnp.where(t > 0, integral + a_i * f_prev + b_i * f, integral)
             return (integral, jnp.where(t > 0, f, f_prev)), blocks.sums(integral)
