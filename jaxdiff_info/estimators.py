@@ -289,12 +289,13 @@ def online_block_sums(
     outputs = []
     for ts in step_chunks(num_steps, chunk):
         state, out = run(params, state, classes, jnp.asarray(ts))
-        outputs.append(to_host(out))  # sharded over the devices of several processes: gathered
+        outputs.append(out)  # on the devices until the end, so that the next chunk is dispatched at once
         if progress is not None:
             jax.block_until_ready(state)  # count the chunk when it is done, not when dispatched
             progress(int(np.count_nonzero(ts)))
         if after_chunk is not None:
             after_chunk(int(ts[ts > 0][-1]) - 1, state)
+    outputs = to_host(outputs)  # sharded over the devices of several processes: gathered
     out = jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:num_steps][::-1], *outputs)
     sums, state_sums, paths = out
     x_0, log_posterior = to_host((state.x, state.log_posterior))
