@@ -292,6 +292,17 @@ def _parse_scales(values: Sequence[str] | None, p: Parser) -> dict[str, tuple[fl
     return scales
 
 
+def model_spec(p: Parser, a) -> dict | None:
+    """The mixture of --spec (the paper's points without it), or None for --checkpoint; --spec
+    and --checkpoint together, or a bad spec, end the parse with a one-line error."""
+    if a.checkpoint is not None and a.spec is not None:
+        p.error("--checkpoint and --spec: give one model, a network or a mixture")
+    try:
+        return None if a.checkpoint is not None else PAPER_SPEC if a.spec is None else load_spec(a.spec)
+    except ValueError as e:
+        p.error(str(e))
+
+
 def parse_args(argv: Sequence[str] | None) -> Config:
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--spec", type=str, default=None,
@@ -336,8 +347,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         where = " with --checkpoint (no exact p(x | not C) there)" if a.checkpoint is not None else ""
         p.error(f"--methods: unknown method {unknown[0]!r}{where}; choose from {', '.join(allowed)}" if unknown
                 else "--methods: name at least one method")
-    if a.checkpoint is not None and a.spec is not None:
-        p.error("--checkpoint and --spec: give one model, a network or a mixture")
+    spec = model_spec(p, a)
     if a.num_samples < 2:
         p.error(f"--num-samples must be >= 2, got {a.num_samples}")
     if a.steps < (2 if a.checkpoint is not None else 21):
@@ -360,10 +370,6 @@ def parse_args(argv: Sequence[str] | None) -> Config:
                 "generate without")
     if a.remove is not None and not remove:
         p.error("--remove: name at least one class")
-    try:
-        spec = None if a.checkpoint is not None else PAPER_SPEC if a.spec is None else load_spec(a.spec)
-    except ValueError as e:
-        p.error(str(e))
     return Config(spec=spec, remove=remove or PAPER_REMOVE, methods=methods,
                   scales=tuple(_parse_scales(a.scales, p).items()), out=a.out, num_samples=a.num_samples,
                   steps=a.steps, seed=a.seed, num_resamples=a.bootstrap, max_ratio=a.max_ratio,

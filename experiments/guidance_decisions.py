@@ -177,7 +177,7 @@ def run(config: Config) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
-    from experiments.gmm import PAPER_SPEC, load_spec
+    from experiments.guidance import model_spec
 
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--spec", type=str, default=None,
@@ -197,8 +197,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    if a.spec is not None and a.checkpoint is not None:
-        p.error("--checkpoint and --spec: give one model, a network or a mixture")
+    spec = model_spec(p, a)
     try:
         weights = tuple(float(x) for x in a.weights.split(",") if x.strip())
     except ValueError:
@@ -214,10 +213,6 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         p.error(f"--samples-per-class must be >= 2 (for confidence intervals), got {a.samples_per_class}")
     if a.bootstrap < 1:
         p.error(f"--bootstrap must be >= 1, got {a.bootstrap}")
-    try:
-        spec = None if a.checkpoint is not None else PAPER_SPEC if a.spec is None else load_spec(a.spec)
-    except ValueError as e:
-        p.error(str(e))
     return Config(spec=spec, checkpoint=a.checkpoint, weights=weights, samples_per_class=a.samples_per_class,
                   steps=a.steps, seed=a.seed, num_resamples=a.bootstrap, out=a.out, overwrite=a.overwrite,
                   progress=not a.no_progress)

@@ -71,6 +71,7 @@ BAD = {
     "a scale for exact": (["--scales", "exact=1"], "takes no scale"),
     "unknown method": (["--methods", "dng,cfg"], "unknown method"),
     "clamp": (["--p-max", "1"], "p-max"),
+    "two models": (["--spec", "s.json", "--checkpoint", "c", "--remove", "0"], "give one model"),
 }
 
 
