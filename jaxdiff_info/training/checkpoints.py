@@ -202,8 +202,8 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike, *, step: int | None = Non
 
     step: which checkpoint (default the latest); use_ema: the EMA weights (default) or the
     raw ones. The parameters are restored replicated on every device of every process (under
-    jax.distributed, all processes must call it), whatever devices wrote them. ValueError, one line, when the directory, config.json or the
-    checkpoint is missing or unreadable.
+    jax.distributed, all processes must call it), whatever devices wrote them. ValueError, one
+    line, when the directory, config.json or the checkpoint is missing or unreadable.
     """
     import orbax.checkpoint as ocp
 
