@@ -61,6 +61,22 @@ class Blocks:
         return sums.at[:, :rest].add(v[:, full:]) if rest else sums
 
 
+class StaticArray:
+    """A NumPy array as a static argument of a compiled function (hashed and compared by
+    value), so that a second call with an equal array reuses the compilation."""
+
+    def __init__(self, array):
+        self.array = np.array(array)
+        self.array.flags.writeable = False
+        self._key = (self.array.shape, self.array.dtype.str, self.array.tobytes())
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, StaticArray) and self._key == other._key
+
+
 def make_blocks(num_classes: int, per_class: int, num_blocks: int = 32) -> Blocks:
     if isinstance(per_class, bool) or int(per_class) != per_class or per_class < 1:
         raise ValueError(f"the number of samples per class must be an integer >= 1, got {per_class}")
@@ -109,12 +125,13 @@ def quadrature_class_entropy(
     """
     if mixture.dim != 1:
         raise ValueError(f"quadrature needs a 1-D mixture, this one has d = {mixture.dim}")
-    membership = np.asarray(membership)
-    return jax.jit(functools.partial(_quadrature, membership=membership, num_nodes=num_nodes, width=width))(
-        mixture, schedule.alpha_bar)
+    return _quadrature(mixture, schedule.alpha_bar, membership=StaticArray(membership), num_nodes=num_nodes,
+                       width=width)
 
 
+@functools.partial(jax.jit, static_argnames=("membership", "num_nodes", "width"))
 def _quadrature(mixture, alpha_bars, membership, num_nodes, width):
+    membership = membership.array
     u = jnp.tile(jnp.linspace(-width, width, num_nodes), mixture.num_components)
     owner = jnp.repeat(jnp.arange(mixture.num_components), num_nodes)
     m = mixture.means[:, 0]
@@ -168,15 +185,16 @@ def forward_mc_block_sums(
     """(T, K, B, P) block sums of h(P(z | x_t)) for x_t ~ p(x_t | k), drawn independently at
     every step from the forward process, with the exact posterior. sharding: of the sample
     axis (data-parallel over devices, of several processes too; the same numbers)."""
-    membership = np.asarray(membership)
-    run = functools.partial(_forward_mc, membership=membership, blocks=blocks, sharding=sharding)
     classes = jnp.asarray(blocks.classes)
     if sharding is not None:
         classes = jax.device_put(classes, sharding)
-    return to_host(jax.jit(run)(mixture, schedule, classes, key))
+    return to_host(_forward_mc(mixture, schedule, classes, key, membership=StaticArray(membership), blocks=blocks,
+                               sharding=sharding))
 
 
+@functools.partial(jax.jit, static_argnames=("membership", "blocks", "sharding"))
 def _forward_mc(mixture, schedule, classes, key, membership, blocks, sharding):
+    membership = membership.array
     def at(t):
         alpha_bar = schedule.alpha_bar[t - 1]
         x = shard_rows(gmm.sample_xt_given_classes(mixture, jax.random.fold_in(key, t), classes, alpha_bar), sharding)

@@ -143,18 +143,19 @@ def information_block_sums(mixture: gmm.GaussianMixture, schedule: Schedule, mem
     classes = jnp.asarray(blocks.classes)
     rows = (mixture.num_components + groups.shape[0] + 1) * max(mixture.dim, mixture.rank)  # floats per sample
     batch = int(min(classes.shape[0], max(1, BATCH_FLOATS // rows)))
-    run = functools.partial(_information, blocks=blocks, batch=batch, common_noise=common_noise, sharding=sharding)
     weights = jnp.asarray(integration_weights(np.asarray(schedule.alpha_bar)), jnp.float32)
     given = None if x_0 is None else jnp.asarray(x_0, jnp.float32).reshape(classes.shape[0], mixture.dim)
     if sharding is not None:
         classes = jax.device_put(classes, sharding)
         given = None if given is None else jax.device_put(given, sharding)
-    sums = jax.jit(run)(mixture, schedule.alpha_bar, weights, classes, key, jnp.asarray(groups),
-                        jnp.asarray(populations), jnp.asarray(member), given)
+    sums = _information(mixture, schedule.alpha_bar, weights, classes, key, jnp.asarray(groups),
+                        jnp.asarray(populations), jnp.asarray(member), given, blocks=blocks, batch=batch,
+                        common_noise=common_noise, sharding=sharding)
     sums = to_host(sums)[::-1]  # visited t = T..1; reported t = 1..T
     return InformationSums(sums[..., :-1], sums[..., -1])
 
 
+@functools.partial(jax.jit, static_argnames=("blocks", "batch", "common_noise", "sharding"))
 def _information(mixture, alpha_bar, weights, classes, key, groups, populations, member, given, blocks, batch,
                  common_noise, sharding):
     sample_groups = jnp.moveaxis(groups[:, classes], 1, 0)  # (N, M, K): the group of each sample's class

@@ -218,3 +218,26 @@ def test_block_sums_partition_the_trajectories(per_class, num_blocks):
         for b in range(blocks.num_blocks):
             assert sums[k, b] == pytest.approx(v[k, b::blocks.num_blocks].sum(), rel=1e-6)
     np.testing.assert_array_equal(blocks.counts.sum(axis=1), per_class)
+
+
+def test_a_second_call_with_other_keys_reuses_the_compilation():
+    """The estimators' compiled loops are keyed on what is static (membership by value, the
+    block layout), so a study over seeds compiles once; a new membership compiles anew."""
+    import jaxdiff_info as jdi
+    from jaxdiff_info import immse
+
+    mix = jdi.make_mixture([-2.0, 1.0, 3.0])
+    schedule = jdi.linear_schedule(50)
+
+    def calls(seed, problems):
+        jdi.exact_curves(mix, problems, schedule)
+        jdi.forward_mc_curves(mix, problems, schedule, samples_per_class=8, key=jax.random.key(seed), num_resamples=4)
+        jdi.immse_curves(mix, problems, schedule, samples_per_class=8, key=jax.random.key(seed), num_resamples=4)
+
+    compiled = (E._quadrature, E._forward_mc, immse._information)
+    calls(0, [jdi.class_label(3)])
+    sizes = [f._cache_size() for f in compiled]
+    calls(1, [jdi.class_label(3)])  # an equal membership, built afresh
+    assert [f._cache_size() for f in compiled] == sizes
+    calls(2, [jdi.make_problem("1 vs 2", [[1], [2]], 3)])
+    assert [f._cache_size() for f in compiled][:2] == [n + 1 for n in sizes[:2]]
