@@ -102,18 +102,34 @@ def test_unconditional_estimates_are_right_on_few_steps(steps):
 # --- half-entropy times and their intervals ---------------------------------------------------
 
 @pytest.mark.slow
-def test_half_entropy_time_intervals_cover_the_truth_over_seeds():
-    problems = [jdi.class_label(4), jdi.make_problem("6 vs 8", [[2], [3]], 4)]
-    exact = jdi.exact_curves(PAPER, problems, FULL).half_time
-    covered = {"forward_mc": [], "online": []}
+def test_half_entropy_and_peak_time_intervals_cover_the_truth_over_seeds():
+    """The 95% intervals of the half-entropy time and of the peak time of the rate, over 30
+    seeds, against the exact values (the peak of the exact rate smoothed with the same
+    bandwidth). Measured over 100 seeds (400 samples per class), the I-MMSE peak intervals
+    covered at 0.94, 0.95 and 0.90 for the three problems: slightly below 95%, hence its
+    lower bar here."""
+    from jaxdiff_info.curves import rate_operator
+
+    problems = [jdi.class_label(4), jdi.make_problem("6 vs 8", [[2], [3]], 4),
+                jdi.make_problem("-8 vs -4", [[0], [1]], 4)]
+    exact = jdi.exact_curves(PAPER, problems, FULL)
+    smoothed_rate = exact.entropy_bits @ np.asarray(rate_operator(exact.time, 0.01)).T
+    truth = {"half_time": exact.half_time, "peak_time": exact.time[np.argmax(smoothed_rate, axis=1)]}
+    estimators = {
+        "forward_mc": lambda key: jdi.forward_mc_curves(PAPER, problems, FULL, samples_per_class=400, key=key),
+        "online": lambda key: jdi.online_curves(PAPER, problems, FULL, samples_per_class=400, key=key),
+        "immse": lambda key: jdi.immse_curves(PAPER, problems, FULL, samples_per_class=400, key=key),
+    }
+    covered = {(name, field): [] for name in estimators for field in truth}
     for seed in range(30):
-        fmc = jdi.forward_mc_curves(PAPER, problems, FULL, samples_per_class=400, key=jax.random.key(seed))
-        onl = jdi.online_curves(PAPER, problems, FULL, samples_per_class=400, key=jax.random.key(1000 + seed))
-        for name, c in (("forward_mc", fmc), ("online", onl)):
-            covered[name].append((c.half_time_ci95[:, 0] <= exact) & (exact <= c.half_time_ci95[:, 1]))
-    for name, hits in covered.items():
+        for i, (name, estimate) in enumerate(estimators.items()):
+            c = estimate(jax.random.key(1000 * i + seed))
+            for field, true in truth.items():
+                lo, hi = getattr(c, f"{field}_ci95").T
+                covered[name, field].append((lo <= true) & (true <= hi))
+    for (name, field), hits in covered.items():
         rate = np.mean(hits, axis=0)
-        assert np.all(rate >= 0.85), (name, rate)
+        assert np.all(rate >= (0.8 if (name, field) == ("immse", "peak_time") else 0.85)), (name, field, rate)
 
 
 # --- tiny class weights --------------------------------------------------------------------------
