@@ -513,7 +513,7 @@ def ops_worker(args) -> None:
             times[name][0].append(timeit(fj))
             times[name][1].append(timeit(ft))
     flags = os.environ.get("XLA_FLAGS") or "XLA defaults"
-    say(f"  {'layer':<44} {'JAX ms':>8} {'torch ms':>9} {'JAX/torch':>9}   (XLA_FLAGS: {flags})")
+    say(f"  {'layer':<44} {'JAX ms':>8} {'torch ms':>9} {'torch/JAX':>9}   (XLA_FLAGS: {flags})")
     for name, (tj, tt) in times.items():
         mj, mt = statistics.median(tj), statistics.median(tt)
         say(f"  {name:<44} {mj * 1e3:8.2f} {mt * 1e3:9.2f} {mt / mj:8.2f}x")
