@@ -34,6 +34,31 @@ def _configure_xla_cpu() -> None:
 
 _configure_xla_cpu()
 
+
+def enable_compilation_cache(directory=None) -> str | None:
+    """Keep compiled XLA programs on disk, so that a call that compiles the same program again
+    (the same estimator and shapes with another key, or a second run) loads it instead.
+
+    In `directory`, else $JAXDIFF_INFO_CACHE, else $XDG_CACHE_HOME/jaxdiff_info/xla, else
+    ~/.cache/jaxdiff_info/xla; JAXDIFF_INFO_CACHE=off (without `directory`) leaves the cache
+    off. Every program is kept, however short its compilation. Returns the folder, or None
+    when off. The experiments' commands call it.
+    """
+    import jax
+    from pathlib import Path
+
+    where = directory if directory is not None else _os.environ.get("JAXDIFF_INFO_CACHE")
+    if where == "off":
+        return None
+    if not where:
+        base = _os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        where = Path(base) / "jaxdiff_info" / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(where))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return str(where)
+
+
 from jaxdiff_info import curves, decisions, estimators, immse, mixture, schedule, tracking  # noqa: E402
 from jaxdiff_info.api import Network, exact_curves, forward_mc_curves, immse_curves, online_curves  # noqa: E402
 from jaxdiff_info.curves import Curves, ProblemCurves, entropy_rate, mutual_information_bits, peak_time  # noqa: E402
@@ -48,7 +73,7 @@ __all__ = [
     # the pieces they take
     "DecisionProblem", "make_problem", "class_label", "one_vs_rest", "GaussianMixture", "make_mixture",
     "Sampler", "Schedule", "cosine_schedule", "linear_schedule", "respace", "Tracker",
-    "entropy_rate", "mutual_information_bits", "peak_time",
+    "entropy_rate", "mutual_information_bits", "peak_time", "enable_compilation_cache",
     # the modules
     "curves", "decisions", "estimators", "immse", "mixture", "schedule", "tracking",
 ]

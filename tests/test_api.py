@@ -1,5 +1,7 @@
 """The research API: one call per estimator, problem-first curves, and what they say they are."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -131,3 +133,25 @@ def test_rate_figure_says_its_units_direction_bands_and_peaks(three):
     assert prior_lines and prior_lines[0].get_ydata()[0] == pytest.approx(exact.prior_entropy_bits[1])
     plots.plt.close(fig)
     plots.plt.close(entropy)
+
+
+def test_the_compilation_cache_keeps_programs_in_the_folder_given(tmp_path):
+    import subprocess
+    import sys
+
+    code = """if True:
+        import sys, jax, jaxdiff_info as jdi
+        where = jdi.enable_compilation_cache(sys.argv[1])
+        mix = jdi.make_mixture([-1.0, 1.0])
+        jdi.online_curves(mix, None, jdi.linear_schedule(30), samples_per_class=4, key=jax.random.key(0),
+                          num_resamples=2)
+        print(where)
+    """
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "xla")], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(tmp_path / "xla")
+    assert len(list((tmp_path / "xla").iterdir())) >= 2  # the tracking loop and the curves, at least
+    off = subprocess.run([sys.executable, "-c", "import jaxdiff_info as jdi; print(jdi.enable_compilation_cache())"],
+                         capture_output=True, text=True, env={**env, "JAXDIFF_INFO_CACHE": "off"})
+    assert off.stdout.strip() == "None", off.stderr
