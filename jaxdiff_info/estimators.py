@@ -195,6 +195,7 @@ def forward_mc_block_sums(
 @functools.partial(jax.jit, static_argnames=("membership", "blocks", "sharding"))
 def _forward_mc(mixture, schedule, classes, key, membership, blocks, sharding):
     membership = membership.array
+
     def at(t):
         alpha_bar = schedule.alpha_bar[t - 1]
         x = shard_rows(gmm.sample_xt_given_classes(mixture, jax.random.fold_in(key, t), classes, alpha_bar), sharding)
