@@ -21,7 +21,7 @@ on its own, then --repeats timed calls each ended by block_until_ready; the medi
    classes evaluated at every step (one vmapped network call of N trajectories x K classes),
    with a per-class entropy observe; at N = 64 and 256, with the network's compute dtype
    float32 and bfloat16 (``unet.make_eps_fn(config, compute_dtype=jnp.bfloat16)``: the
-   library's switch; the analysis CLI does not expose it). Trajectory-steps/s.
+   library's switch, which `analyze --bf16` uses). Trajectory-steps/s.
 3. mixture: the tracking loop of ``benchmarks/tracking.py`` (``build_jax_loop``: Tracker with
    the closed-form mixture eps, block-entropy observe, one scan over all T = 1000 steps) at
    N = 1e6, d = 64, K = 4, with the default key and with threefry4x32. Steps/s.
@@ -41,7 +41,12 @@ device keeps no statistics (the CPU). Each compiled program's own footprint (XLA
 memory_analysis: arguments + outputs - aliased + temporaries) is recorded too.
 
 Output: a text table on stdout, and a JSON file (--out; default benchmarks/results_gpu.json
-for the full run, none for --smoke), written atomically (a temporary file, then os.replace).
+for the full run, none for --smoke), written atomically (a temporary file, then os.replace)
+after every variant, with "complete": false until the end, so that a kill or a crash keeps
+what was measured. A variant that fails (e.g. out of memory) records its error in place of
+its figures and the run goes on; in the full run a variant is not started with less than
+RESERVE_S of BUDGET_S left (recorded as skipped). "float32" is XLA's default precision, which
+on NVIDIA GPUs from Ampere on means TF32 tensor-core products (recorded in the JSON).
 """
 
 from __future__ import annotations
@@ -217,6 +222,40 @@ def timed_compile(fn, *args):
     return traced.jaxpr, lowered, compiled, time.perf_counter() - start
 
 
+RESERVE_S = 60  # a variant of the full run starts only while this much of BUDGET_S is left
+
+
+@dataclasses.dataclass
+class Guard:
+    """Runs one variant of a part (a dtype, a trajectory count, a key): skipped once the budget
+    is spent, its error recorded in place of its figures, and the results file saved after it,
+    so that a failure or a kill keeps everything measured before."""
+
+    save: Callable[[], None]
+    seconds_left: Callable[[], float]
+
+    def __call__(self, label: str, measure: Callable[[], dict[str, Any]], store: Callable[[dict], None]) -> None:
+        if self.seconds_left() < RESERVE_S:
+            result = {"skipped": f"not started: less than {RESERVE_S} s of the {BUDGET_S} s budget left"}
+        else:
+            try:
+                result = measure()
+            except Exception as e:  # one variant's failure (e.g. out of memory) must not lose the others
+                result = {"error": (f"{type(e).__name__}: {e}".splitlines() or ["?"])[0][:500]}
+        store(result)
+        self.save()
+        said = result.get("skipped") or result.get("error") or "done"
+        print(f"[benchmarks.gpu] {label}: {said}", file=sys.stderr, flush=True)
+
+
+def failed(v: dict[str, Any]) -> str | None:
+    """The reason a variant has no figures ("error: ..." or "skipped: ..."), else None."""
+    for key in ("error", "skipped"):
+        if key in v:
+            return f"{key}: {v[key]}"
+    return None
+
+
 def summary(times: list[float], per_call: float = 1.0) -> dict[str, Any]:
     """Median and all of the timed calls, in seconds per unit (a step) when a call has per_call units."""
     return {"median_s": statistics.median(times) / per_call, "all_s": [t / per_call for t in times]}
@@ -224,7 +263,7 @@ def summary(times: list[float], per_call: float = 1.0) -> dict[str, Any]:
 
 # --- 1. training -----------------------------------------------------------------------------
 
-def bench_train(sizes: Sizes, repeats: int, peak: float | None, device) -> dict[str, Any]:
+def bench_train(sizes: Sizes, repeats: int, peak: float | None, device, out: dict[str, Any], guard: Guard) -> None:
     net, B = sizes.net, sizes.train_batch
     configs = {dtype: training.TrainConfig(model=sizes.name, dataset=sizes.dataset, unet=net, batch_size=B,
                                            bf16=dtype == "bfloat16")
@@ -236,16 +275,17 @@ def bench_train(sizes: Sizes, repeats: int, peak: float | None, device) -> dict[
     params = unet.abstract_params(net)
     x1 = jnp.zeros((1, net.image_size, net.image_size, net.channels))
     forward = jax.make_jaxpr(lambda p: unet.apply(net, p, x1, jnp.ones(1, jnp.int32), jnp.zeros(1, jnp.int32)))(params)
-    out: dict[str, Any] = {
+    out.update({
         "config": sizes.name, "image_shape": [net.image_size, net.image_size, net.channels], "batch": B,
         "num_params": unet.count_params(params), "steps_per_timed_call": sizes.train_steps,
         "forward_flops_per_image": matmul_flops(forward),
-    }
-    for dtype, tc in configs.items():  # bfloat16 first: its peak memory is its own
+    })
+
+    def measure(tc: training.TrainConfig) -> dict[str, Any]:
         step = training.make_train_step(tc.net, tc)
         state = training.init_state(tc.net, tc)
         jaxpr, lowered, compiled, compile_s = timed_compile(step, state, batch)
-        if dtype == "bfloat16":
+        if "train_flops_per_image" not in out:  # the same network and step in either dtype
             out["train_flops_per_image"] = matmul_flops(jaxpr) / B
             xf = xla_flops(lowered)
             out["xla_flops_per_image"] = None if xf is None else xf / B
@@ -262,17 +302,19 @@ def bench_train(sizes: Sizes, repeats: int, peak: float | None, device) -> dict[
         loss = float(metrics["loss"])
         step_s = statistics.median(times) / sizes.train_steps
         flops_s = out["train_flops_per_image"] * B / step_s
-        out[dtype] = {
+        return {
             "compile_s": compile_s, "warmup_s": warmup_s, "step": summary(times, sizes.train_steps),
             "steps_per_s": 1.0 / step_s, "images_per_s": B / step_s, "tflops_per_s": flops_s / 1e12,
             "fraction_of_bf16_peak": None if peak is None else flops_s / peak,
             "peak_bytes_in_use": peak_bytes_in_use(device), "compiled_bytes": compiled_bytes(compiled),
             "loss_finite": math.isfinite(loss),
-        }
-        del compiled, state, metrics, lowered  # free the device memory before the next variant
-    out["anchor_ratio_bf16"] = out["bfloat16"]["images_per_s"] / ANCHOR["images_per_s"]
-    out["target_met_bf16"] = out["bfloat16"]["images_per_s"] >= TARGET_IMAGES_PER_S_BF16 if not sizes.smoke else None
-    return out
+        }  # the compiled step and its state go out of scope: their device memory is freed
+
+    for dtype, tc in configs.items():  # bfloat16 first: its peak memory is its own
+        guard(f"train {dtype}", lambda tc=tc: measure(tc), lambda v, dtype=dtype: out.__setitem__(dtype, v))
+    bf16 = out["bfloat16"].get("images_per_s")
+    out["anchor_ratio_bf16"] = None if bf16 is None else bf16 / ANCHOR["images_per_s"]
+    out["target_met_bf16"] = None if sizes.smoke or bf16 is None else bf16 >= TARGET_IMAGES_PER_S_BF16
 
 
 # --- 2. the online tracker on the network ------------------------------------------------------
@@ -294,68 +336,79 @@ def tracker_run(tracker: Tracker, classes, ts, observe):
     return jax.jit(lambda params, state: tracker.run(params, state, classes, ts, observe, False))
 
 
-def bench_analyze(sizes: Sizes, repeats: int, peak: float | None) -> dict[str, Any]:
+@jax.jit
+def perturbed(params, key):
+    """params + 0.02 N(0, 1) on every leaf, in one compiled call."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [p + 0.02 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def bench_analyze(sizes: Sizes, repeats: int, peak: float | None, out: dict[str, Any], guard: Guard) -> None:
     net = sizes.net
     K = net.num_classes
-    params = unet.init_params(net, jax.random.key(0))
     # perturbed: the zero-initialised output layers would make every eps 0
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(treedef, [p + 0.02 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    params = perturbed(unet.init_params(net, jax.random.key(0)), jax.random.key(1))
     schedule = respace(linear_schedule(unet.TRAIN_STEPS), sizes.analyze_schedule_steps)
     S, n = sizes.analyze_schedule_steps, sizes.analyze_steps
     ts = jnp.arange(S, S - n, -1, dtype=jnp.int32)
     shape = (net.image_size, net.image_size, net.channels)
-    runs = []
-    for N in sizes.trajectories:
+    out.update({"config": sizes.name, "num_classes": K,
+                "sampler": "DDPM 'large' (sigma_t^2 = beta_t), x_0 clipped to [-1, 1]",
+                "schedule_steps": S, "steps_per_timed_call": n,
+                "bf16_via": "unet.make_eps_fn(config, compute_dtype=jnp.bfloat16) in Tracker (the library's switch, "
+                            "as `python -m experiments.cifar10 analyze --bf16` uses it)",
+                "runs": []})
+
+    def measure(N: int, dtype: str) -> dict[str, Any]:
         classes = jnp.arange(N, dtype=jnp.int32) % K
         observe = class_entropy_sums(classes, K)
+        eps = unet.make_eps_fn(net, compute_dtype=jnp.bfloat16 if dtype == "bfloat16" else None)
+        tracker = Tracker(eps, schedule, IMAGE_SAMPLER, K)
+        state = tracker.init(jax.random.key(2), N, shape, jnp.zeros(K))
+        jaxpr, _, compiled, compile_s = timed_compile(tracker_run(tracker, classes, ts, observe), params, state)
+        start = time.perf_counter()
+        final, sums = jax.block_until_ready(compiled(params, state))
+        warmup_s = time.perf_counter() - start
+        times = timed_calls(compiled, (params, state), repeats)
+        step_s = statistics.median(times) / n
+        flops_s = matmul_flops(jaxpr) / n / step_s
+        return {
+            "compile_s": compile_s, "warmup_s": warmup_s, "step": summary(times, n),
+            "trajectory_steps_per_s": N / step_s, "images_per_s": N * K / step_s, "tflops_per_s": flops_s / 1e12,
+            "fraction_of_bf16_peak": None if peak is None else flops_s / peak,
+            "compiled_bytes": compiled_bytes(compiled),
+            "finite": bool(np.isfinite(np.asarray(final.log_posterior)).all() and np.isfinite(np.asarray(sums)).all()),
+        }
+
+    for N in sizes.trajectories:
         for dtype in ("float32", "bfloat16"):
-            eps = unet.make_eps_fn(net, compute_dtype=jnp.bfloat16 if dtype == "bfloat16" else None)
-            tracker = Tracker(eps, schedule, IMAGE_SAMPLER, K)
-            state = tracker.init(jax.random.key(2), N, shape, jnp.zeros(K))
-            jaxpr, _, compiled, compile_s = timed_compile(tracker_run(tracker, classes, ts, observe), params, state)
-            start = time.perf_counter()
-            final, sums = jax.block_until_ready(compiled(params, state))
-            warmup_s = time.perf_counter() - start
-            times = timed_calls(compiled, (params, state), repeats)
-            step_s = statistics.median(times) / n
-            flops_s = matmul_flops(jaxpr) / n / step_s
-            runs.append({
-                "trajectories": N, "compute_dtype": dtype, "images_per_call": N * K, "compile_s": compile_s,
-                "warmup_s": warmup_s, "step": summary(times, n), "trajectory_steps_per_s": N / step_s,
-                "images_per_s": N * K / step_s, "tflops_per_s": flops_s / 1e12,
-                "fraction_of_bf16_peak": None if peak is None else flops_s / peak,
-                "compiled_bytes": compiled_bytes(compiled),
-                "finite": bool(np.isfinite(np.asarray(final.log_posterior)).all()
-                               and np.isfinite(np.asarray(sums)).all()),
-            })
-            del compiled, final, sums
-    return {"config": sizes.name, "num_classes": K,
-            "sampler": "DDPM 'large' (sigma_t^2 = beta_t), x_0 clipped to [-1, 1]",
-            "schedule_steps": S, "steps_per_timed_call": n,
-            "bf16_via": "unet.make_eps_fn(config, compute_dtype=jnp.bfloat16) in Tracker (the library's switch; "
-                        "experiments.cifar10.analyze builds its eps in float32 and has no bf16 option)",
-            "runs": runs}
+            head = {"trajectories": N, "compute_dtype": dtype, "images_per_call": N * K}
+            guard(f"analyze N = {N} {dtype}", lambda N=N, dtype=dtype: measure(N, dtype),
+                  lambda v, head=head: out["runs"].append({**head, **v}))
 
 
 # --- 3. the mixture tracking loop --------------------------------------------------------------
 
-def bench_mixture(sizes: Sizes, repeats: int) -> dict[str, Any]:
+def bench_mixture(sizes: Sizes, repeats: int, out: dict[str, Any], guard: Guard) -> None:
     N, d, K, T = sizes.mixture
     case = Case(N, d, K, T)
-    runs = []
-    for impl in (None, FAST_IMPL):
+    out.update({"N": N, "d": d, "K": K, "T": T, "runs": [],
+                "what": "benchmarks.tracking.build_jax_loop: Tracker + mixture.eps_fn (matrix form), DDPM 'small', "
+                        "block-entropy observe, one scan over all T steps"})
+
+    def measure(impl) -> dict[str, Any]:
         go, compile_s = build_jax_loop(case, key_impl=impl)
         warmup_s = go()[0]
         times = [go()[0] for _ in range(repeats)]
         loop_s = statistics.median(times)
-        runs.append({"key_impl": impl or "threefry2x32 (default)", "compile_s": compile_s, "warmup_s": warmup_s,
-                     "loop": summary(times), "steps_per_s": T / loop_s, "trajectory_steps_per_s": N * T / loop_s})
-        del go
-    return {"N": N, "d": d, "K": K, "T": T, "runs": runs,
-            "what": "benchmarks.tracking.build_jax_loop: Tracker + mixture.eps_fn (matrix form), DDPM 'small', "
-                    "block-entropy observe, one scan over all T steps"}
+        return {"compile_s": compile_s, "warmup_s": warmup_s, "loop": summary(times), "steps_per_s": T / loop_s,
+                "trajectory_steps_per_s": N * T / loop_s}
+
+    for impl in (None, FAST_IMPL):
+        name = impl or "threefry2x32 (default)"
+        guard(f"mixture {name}", lambda impl=impl: measure(impl),
+              lambda v, name=name: out["runs"].append({"key_impl": name, **v}))
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -377,45 +430,60 @@ def table(r: dict[str, Any]) -> str:
              f"# anchor: Ho et al. trained this model at 21 steps/s at batch 128 (~2,700 images/s) on a TPU v3-8; "
              f"target on one H200: >= {TARGET_IMAGES_PER_S_BF16:,} images/s bf16",
              f"# dense bf16 peak of this device: {peak_text}"]
-    if "train" in r:
+    for part in PARTS:
+        if part in r and failed(r[part]):
+            lines += ["", f"{part}: {failed(r[part])}"]
+    if "train" in r and not failed(r["train"]):
         t = r["train"]
         lines += ["", f"training, {t['config']}, batch {t['batch']} ({t['num_params']:,} parameters); FLOPs per image "
-                  f"(convolutions + matmuls, jaxpr count): forward {t['forward_flops_per_image'] / 1e9:.3f} G, "
-                  f"train step {t['train_flops_per_image'] / 1e9:.3f} G"
-                  + ("" if t["xla_flops_per_image"] is None else
+                  f"(convolutions + matmuls, jaxpr count): forward {t['forward_flops_per_image'] / 1e9:.3f} G"
+                  + ("" if "train_flops_per_image" not in t else
+                     f", train step {t['train_flops_per_image'] / 1e9:.3f} G")
+                  + ("" if t.get("xla_flops_per_image") is None else
                      f" (XLA cost analysis, every op: {t['xla_flops_per_image'] / 1e9:.3f} G)"),
                   f"  {'dtype':<9} {'compile s':>9} {'ms/step':>8} {'steps/s':>8} {'images/s':>9} {'TFLOP/s':>8} "
                   f"{'of bf16 peak':>12}  {'peak memory':<12} {'x anchor':>8}"]
         for dtype in ("float32", "bfloat16"):
-            v = t[dtype]
+            v = t.get(dtype, {"skipped": "not reached"})
+            if failed(v):
+                lines.append(f"  {dtype:<9} {failed(v)}")
+                continue
             lines.append(f"  {dtype:<9} {v['compile_s']:>9.1f} {1e3 * v['step']['median_s']:>8.2f} "
                          f"{v['steps_per_s']:>8.2f} "
                          f"{v['images_per_s']:>9.1f} {v['tflops_per_s']:>8.2f} {_pct(v['fraction_of_bf16_peak']):>12}  "
                          f"{_fmt_bytes(v['peak_bytes_in_use']):<12} {v['images_per_s'] / ANCHOR['images_per_s']:>8.2f}")
-        if t["target_met_bf16"] is not None:
+        if t.get("target_met_bf16") is not None:
             verdict = "met" if t["target_met_bf16"] else "NOT met"
             lines.append(f"  target (>= {TARGET_IMAGES_PER_S_BF16:,} images/s bf16): {verdict}")
-    if "analyze" in r:
+    if "analyze" in r and not failed(r["analyze"]):
         a = r["analyze"]
         lines += ["", f"analyze: online tracker, {a['config']}, all {a['num_classes']} classes every step, "
                   f"{a['steps_per_timed_call']} steps per call; bf16 via {a['bf16_via'].split(' (')[0]}",
                   f"  {'N':>5} {'dtype':<9} {'images/call':>11} {'compile s':>9} {'ms/step':>9} "
                   f"{'trajectory-steps/s':>18} {'images/s':>9} {'of bf16 peak':>12}"]
         for v in a["runs"]:
+            if failed(v):
+                lines.append(f"  {v['trajectories']:>5} {v['compute_dtype']:<9} {failed(v)}")
+                continue
             lines.append(f"  {v['trajectories']:>5} {v['compute_dtype']:<9} {v['images_per_call']:>11} "
                          f"{v['compile_s']:>9.1f} "
                          f"{1e3 * v['step']['median_s']:>9.2f} {v['trajectory_steps_per_s']:>18.1f} "
                          f"{v['images_per_s']:>9.1f} {_pct(v['fraction_of_bf16_peak']):>12}")
-    if "mixture" in r:
+    if "mixture" in r and not failed(r["mixture"]):
         m = r["mixture"]
         lines += ["", f"mixture tracking loop: N = {m['N']:,}, d = {m['d']}, K = {m['K']}, T = {m['T']}",
                   f"  {'key':<24} {'compile s':>9} {'loop s':>8} {'steps/s':>9}"]
         for v in m["runs"]:
+            if failed(v):
+                lines.append(f"  {v['key_impl']:<24} {failed(v)}")
+                continue
             lines.append(f"  {v['key_impl']:<24} {v['compile_s']:>9.2f} {v['loop']['median_s']:>8.3f} "
                          f"{v['steps_per_s']:>9.1f}")
-    parts = ", ".join(f"{k} {r[k]['wall_s']:.1f} s" for k in PARTS if k in r)
+    parts = ", ".join(f"{k} {r[k]['wall_s']:.1f} s" for k in PARTS if "wall_s" in r.get(k, {}))
     lines += ["", f"# whole run {r['wall_s']:.1f} s ({parts}); medians of {r['repeats']} timed calls after a timed "
               f"warm-up call"]
+    if not r.get("complete"):
+        lines.append("# INCOMPLETE: the run stopped before its end")
     if not r["smoke"] and r["wall_s"] > BUDGET_S:
         lines.append(f"# over the {BUDGET_S / 60:.0f}-minute budget of the full run")
     return "\n".join(lines)
@@ -465,7 +533,10 @@ def main(argv=None) -> int:
         "versions": {"jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib"),
                      "flax": flax.__version__, "numpy": np.__version__, "python": platform.python_version()},
         "provenance": provenance(),
-        "float32_precision": f"jax_default_matmul_precision = {jax.config.jax_default_matmul_precision}",
+        "float32_precision": f"jax_default_matmul_precision = {jax.config.jax_default_matmul_precision}: "
+                             "XLA's default precision, under which NVIDIA GPUs from Ampere on run float32 "
+                             "convolutions and matmuls on TF32 tensor cores (float32 storage and sums, products "
+                             "of inputs rounded to a 10-bit mantissa); the 'float32' rows are that",
         "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
         "anchor": ANCHOR, "target_images_per_s_bf16": TARGET_IMAGES_PER_S_BF16,
         "peak_bf16_flops_per_s": peak,
@@ -482,24 +553,42 @@ def main(argv=None) -> int:
     }
     if device.platform == "cpu":
         r["memory_stats"] = "unavailable: memory_stats() is None on the CPU"
+    r["complete"] = False
+
+    def save():  # after every variant: a failure or a kill later keeps what was measured
+        r["wall_s"] = time.perf_counter() - start
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            write_json(args.out, r)
+
+    budget = math.inf if args.smoke else BUDGET_S
+    guard = Guard(save, lambda: budget - (time.perf_counter() - start))
     for part in args.parts:
         print(f"[benchmarks.gpu] {part} ...", file=sys.stderr, flush=True)
         part_start = time.perf_counter()
-        if part == "train":
-            r["train"] = bench_train(sizes, repeats, peak, device)
-        elif part == "analyze":
-            r["analyze"] = bench_analyze(sizes, repeats, peak)
-        else:
-            r["mixture"] = bench_mixture(sizes, repeats)
+        r[part] = {}
+        try:
+            if part == "train":
+                bench_train(sizes, repeats, peak, device, r[part], guard)
+            elif part == "analyze":
+                bench_analyze(sizes, repeats, peak, r[part], guard)
+            else:
+                bench_mixture(sizes, repeats, r[part], guard)
+        except Exception as e:  # in a part's set-up, outside its variants
+            r[part] = {"error": (f"{type(e).__name__}: {e}".splitlines() or ["?"])[0][:500]}
         r[part]["wall_s"] = time.perf_counter() - part_start
-    r["wall_s"] = time.perf_counter() - start
+    r["complete"] = True
+    save()
     print(table(r))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.out, r)
         print(f"(written to {args.out})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("benchmarks.gpu: interrupted; the results file (if any) holds the variants measured so far, "
+              "with complete = false", file=sys.stderr)
+        sys.exit(130)

@@ -181,3 +181,55 @@ def test_full_run_refused_without_accelerator(tmp_path, capsys):
 def test_bad_parts():
     with pytest.raises(SystemExit):
         gpu.parse_args(["--smoke", "--parts", "train,sampling"])
+
+
+def test_complete_and_float32_said_to_be_tf32_on_gpus(smoke):
+    r, text = smoke[0], smoke[1]
+    assert r["complete"] is True and "INCOMPLETE" not in text
+    assert "TF32" in r["float32_precision"]
+
+
+def mixture_loop_failing_at(impl, exc):
+    real = gpu.build_jax_loop
+
+    def build(case, key_impl=None):
+        if key_impl == impl:
+            raise exc
+        return real(case, key_impl=key_impl)
+
+    return mock.patch.object(gpu, "build_jax_loop", build)
+
+
+def test_a_failing_variant_keeps_the_others(tmp_path):
+    out = tmp_path / "r.json"
+    stdout = io.StringIO()
+    with mixture_loop_failing_at(gpu.FAST_IMPL, RuntimeError("RESOURCE_EXHAUSTED: out of memory\nmore")), \
+            contextlib.redirect_stdout(stdout):
+        assert gpu.main(["--smoke", "--parts", "mixture", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    first, second = r["mixture"]["runs"]
+    assert positive(first["steps_per_s"]) and r["complete"] is True
+    assert second == {"key_impl": gpu.FAST_IMPL, "error": "RuntimeError: RESOURCE_EXHAUSTED: out of memory"}
+    assert "error: RuntimeError: RESOURCE_EXHAUSTED" in stdout.getvalue()
+
+
+def test_an_interrupted_run_leaves_what_it_measured(tmp_path):
+    out = tmp_path / "r.json"
+    with mixture_loop_failing_at(gpu.FAST_IMPL, KeyboardInterrupt()), contextlib.redirect_stdout(io.StringIO()):
+        with pytest.raises(KeyboardInterrupt):
+            gpu.main(["--smoke", "--parts", "mixture", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["complete"] is False and [v["key_impl"] for v in r["mixture"]["runs"]] == ["threefry2x32 (default)"]
+    assert positive(r["mixture"]["runs"][0]["steps_per_s"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_a_variant_is_not_started_without_budget_left():
+    saved, stored = [], []
+    guard = gpu.Guard(lambda: saved.append(1), lambda: gpu.RESERVE_S - 1)
+    guard("x", lambda: pytest.fail("measured"), stored.append)
+    assert saved == [1] and "not started" in stored[0]["skipped"]
+    guard = gpu.Guard(lambda: saved.append(2), lambda: gpu.RESERVE_S + 1)
+    guard("y", lambda: {"steps_per_s": 1.0}, stored.append)
+    assert saved == [1, 2] and stored[1] == {"steps_per_s": 1.0}
+    assert gpu.failed(stored[0]).startswith("skipped: ") and gpu.failed(stored[1]) is None
