@@ -61,6 +61,43 @@ def test_group_norm_and_its_gradient_match_the_formula():
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+def dot_precisions(closed):
+    """The precision of every dot_general in a jaxpr, sub-jaxprs (custom rules, scans) included."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.append(eqn.params["precision"])
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if hasattr(sub, "eqns"):
+                        walk(sub)
+                    elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                        walk(sub.jaxpr)
+
+    walk(closed.jaxpr)
+    return found
+
+
+def test_the_sums_ask_for_full_float32_precision():
+    """GroupNorm's statistics and the backward's sums over pixels are products with a vector of
+    ones: they ask for HIGHEST precision, so that a GPU does not take them in TF32 (10-bit
+    mantissas; the CPU computes float32 either way)."""
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+    w = jax.random.normal(jax.random.key(1), x.shape)
+    scale, bias = jnp.ones(8), jnp.zeros(8)
+    jaxprs = [
+        jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(w * layers._group_norm_fn(*a, 4, 1e-6)), (0, 1, 2)))(x, scale, bias),
+        jax.make_jaxpr(jax.grad(lambda y, b: jnp.sum(w * layers.add_bias(y, b)), (0, 1)))(x, bias),
+        jax.make_jaxpr(jax.grad(lambda y, b: jnp.sum(w * layers.add_bias(y, b)), (0, 1)))(x, jnp.ones((2, 8))),
+    ]
+    for closed in jaxprs:
+        precisions = dot_precisions(closed)
+        assert precisions, closed
+        assert all(p is not None and set(p) == {jax.lax.Precision.HIGHEST} for p in precisions), precisions
+
+
 def test_add_bias_gradient_is_the_sum_over_pixels():
     y = jax.random.normal(jax.random.key(0), (3, 4, 4, 5))
     w = jax.random.normal(jax.random.key(1), y.shape)
