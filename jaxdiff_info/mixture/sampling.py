@@ -31,7 +31,8 @@ def xt_given_component(mixture: GaussianMixture, k: jax.Array, alpha_bar: jax.Ar
     v = alpha_bar * mixture.stds[k] ** 2 + (1.0 - alpha_bar)
     x = jnp.sqrt(alpha_bar) * mixture.means[k] + jnp.sqrt(v) * z
     if mixture.basis is not None:
-        x = x + mixture.basis[k] @ (jnp.sqrt(alpha_bar * mixture.spectrum[k]) * z_r)
+        x = x + jnp.matmul(mixture.basis[k], jnp.sqrt(alpha_bar * mixture.spectrum[k]) * z_r,
+                           precision=jax.lax.Precision.HIGHEST)  # float32 on GPUs too, not TF32
     return x
 
 
