@@ -241,11 +241,16 @@ class Guard:
             try:
                 result = measure()
             except Exception as e:  # one variant's failure (e.g. out of memory) must not lose the others
-                result = {"error": (f"{type(e).__name__}: {e}".splitlines() or ["?"])[0][:500]}
+                result = {"error": one_line(e)}
         store(result)
         self.save()
         said = result.get("skipped") or result.get("error") or "done"
         print(f"[benchmarks.gpu] {label}: {said}", file=sys.stderr, flush=True)
+
+
+def one_line(e: Exception) -> str:
+    """An exception as the first line of "Type: message", at most 500 characters."""
+    return (f"{type(e).__name__}: {e}".splitlines() or ["?"])[0][:500]
 
 
 def failed(v: dict[str, Any]) -> str | None:
@@ -575,7 +580,7 @@ def main(argv=None) -> int:
             else:
                 bench_mixture(sizes, repeats, r[part], guard)
         except Exception as e:  # in a part's set-up, outside its variants
-            r[part] = {"error": (f"{type(e).__name__}: {e}".splitlines() or ["?"])[0][:500]}
+            r[part] = {"error": one_line(e)}
         r[part]["wall_s"] = time.perf_counter() - part_start
     r["complete"] = True
     save()
