@@ -26,6 +26,7 @@ from jaxdiff_info import mixture as gmm
 from jaxdiff_info.curves import Curves, bootstrap_class_entropy, curves_from_blocks, curves_from_profiles
 from jaxdiff_info.decisions import DecisionProblem, ProblemArrays, problem_arrays
 from jaxdiff_info.schedule import Sampler, Schedule, reverse_std
+from jaxdiff_info.static import StaticArray
 from jaxdiff_info.tracking import EpsFn, Tracker
 
 DEFAULT_SAMPLER = Sampler("ddpm", "small")
@@ -188,6 +189,9 @@ def online_curves(
     chunk (steps per compiled call), progress(steps_done), after_chunk(t, TrackState) (at
     x_T first, then after every chunk; t = 0 is the generated sample); sharding of the
     trajectory axis.
+
+    The compiled loop is kept for the next call with an equal tracker and recording (the same
+    eps function, equal schedule and settings): a study over seeds compiles it once.
     """
     if generation not in GENERATIONS:
         raise ValueError(f"unknown generation {generation!r}; choose conditional or unconditional")
@@ -202,8 +206,7 @@ def online_curves(
         eps, params, shape = gmm.eps_fn(schedule, with_null=with_null), mix, (model.dim,)
         num_classes, log_prior = model.num_classes, model.class_log_weights
         if not unconditional:
-            state_log_posterior = lambda m, t, x: jax.vmap(gmm.log_posterior, (None, 0, None))(  # noqa: E731
-                m, x, schedule.alpha_bar[t - 1])
+            state_log_posterior = _StatePosterior(StaticArray(np.asarray(schedule.alpha_bar)))
     elif isinstance(model, Network):
         if with_null:
             model.require_null("unconditional generation" if unconditional else "classifier-free guidance")
@@ -232,13 +235,8 @@ def online_curves(
             return x
         return x + jnp.asarray((np.sqrt(alpha_bar[t - 1]) if t > 0 else 1.0) * shift, jnp.float32)
 
-    own = None if unconditional else jnp.asarray(generating)
-
-    def record(x, log_post):
-        mean_post = blocks.sums(jnp.exp(log_post)).sum(axis=1) / blocks.per_class  # (C, K)
-        # (K, B) block sums of log P(k | x_t) at the generating class: D_k = E_k[...] - log pi_k
-        own_sums = None if own is None else blocks.sums(jnp.take_along_axis(log_post, own[:, None], axis=1)[:, 0])
-        return log_post[path_index], mean_post, (x[path_index] if record_x else None), own_sums
+    record = _Record(blocks, StaticArray(path_index), None if unconditional else StaticArray(generating),
+                     bool(record_x))
 
     def chunk_done(t, state):
         after_chunk(t, dataclasses.replace(state, x=moved_back(state.x, t)))
@@ -279,6 +277,40 @@ def online_curves(
         information = class_information(jax.random.fold_in(boot_key, 1), gain, blocks.counts, num_resamples)
     return dataclasses.replace(curves, trajectories=trajectories, posterior=posterior, exact_state=exact_state,
                                class_information_bits=information[0], class_information_bits_ci95=information[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Record:
+    """What `online_curves` keeps of each step besides the entropies (`OnlineRun`), compared by
+    value so that the compiled loop is reused: log P(k | x_t) of the recorded paths, the mean
+    posterior per generating class, the recorded x_t (record_x), and (conditional generation)
+    the (K, B) block sums of log P(k | x_t) at the generating class (D_k = E_k[...] - log pi_k)."""
+
+    blocks: estimators.Blocks
+    path_index: StaticArray
+    own: StaticArray | None
+    record_x: bool
+
+    def __call__(self, x, log_post):
+        blocks, path_index = self.blocks, self.path_index.array
+        mean_post = blocks.sums(jnp.exp(log_post)).sum(axis=1) / blocks.per_class  # (C, K)
+        own_sums = None
+        if self.own is not None:
+            own = jnp.asarray(self.own.array)
+            own_sums = blocks.sums(jnp.take_along_axis(log_post, own[:, None], axis=1)[:, 0])
+        return log_post[path_index], mean_post, (x[path_index] if self.record_x else None), own_sums
+
+
+@dataclasses.dataclass(frozen=True)
+class _StatePosterior:
+    """The exact log P(k | x_t) of a mixture (the compiled loop's params) at step t of a schedule
+    with these (T,) alpha_bar, for the readout of the online trajectories; compared by value."""
+
+    alpha_bar: StaticArray
+
+    def __call__(self, mixture, t, x):
+        alpha_bar = jnp.asarray(self.alpha_bar.array)[t - 1]
+        return jax.vmap(gmm.log_posterior, (None, 0, None))(mixture, x, alpha_bar)
 
 
 def class_information(key: jax.Array, block_sums: np.ndarray, block_counts: np.ndarray,

@@ -27,6 +27,7 @@ from jaxdiff_info import mixture as gmm
 from jaxdiff_info.decisions import batch_problem_entropy_bits, entropy_bits
 from jaxdiff_info.distributed import shard_rows, to_host
 from jaxdiff_info.schedule import Schedule
+from jaxdiff_info.static import StaticArray
 from jaxdiff_info.tracking import Tracker, TrackState, step_chunks
 
 
@@ -59,22 +60,6 @@ class Blocks:
         full = rows * self.num_blocks
         sums = v[:, :full].reshape(self.num_classes, rows, self.num_blocks, *values.shape[1:]).sum(axis=1)
         return sums.at[:, :rest].add(v[:, full:]) if rest else sums
-
-
-class StaticArray:
-    """A NumPy array as a static argument of a compiled function (hashed and compared by
-    value), so that a second call with an equal array reuses the compilation."""
-
-    def __init__(self, array):
-        self.array = np.array(array)
-        self.array.flags.writeable = False
-        self._key = (self.array.shape, self.array.dtype.str, self.array.tobytes())
-
-    def __hash__(self):
-        return hash(self._key)
-
-    def __eq__(self, other):
-        return isinstance(other, StaticArray) and self._key == other._key
 
 
 def make_blocks(num_classes: int, per_class: int, num_blocks: int = 32) -> Blocks:
@@ -281,22 +266,13 @@ def online_block_sums(
         classes = jnp.full((blocks.per_class,), num_classes, jnp.int32)
     else:
         classes = jnp.asarray(blocks.classes)
-    membership = np.asarray(membership)
     num_steps = tracker.schedule.num_steps
-    prior_for_weights = jax.nn.log_softmax(jnp.asarray(log_prior)) if unconditional else None
-
-    def observe(p, t, x, log_post, log_ratio):
-        sums = block_entropy_sums(log_post, membership, blocks, prior_for_weights,
-                                  log_ratio if unconditional else None)
-        state_sums = None
-        if state_log_posterior is not None:
-            state_sums = block_entropy_sums(state_log_posterior(p, t, x), membership, blocks)
-        return sums, state_sums, (record(x, log_post) if record is not None else None)
-
-    with_null = unconditional or tracker.guidance != 0.0
-    run = jax.jit(lambda p, s, c, ts: tracker.run(p, s, c, ts, functools.partial(observe, p), with_null))
-    init = jax.jit(lambda key, log_prior: tracker.init(key, classes.shape[0], shape, log_prior))
-    state = init(key, jnp.asarray(log_prior))
+    observer = _Observer(StaticArray(membership), blocks, bool(unconditional), state_log_posterior, record)
+    init, run = _online_program(tracker, observer, unconditional or tracker.guidance != 0.0, classes.shape[0],
+                                tuple(shape))
+    log_prior = jnp.asarray(log_prior)
+    prior = jax.nn.log_softmax(log_prior)  # the normalised prior that weighs unconditional paths
+    state = init(key, log_prior)
     if x_T_offset is not None:
         state = dataclasses.replace(state, x=state.x + jnp.asarray(x_T_offset, state.x.dtype))
     if sharding is not None:
@@ -307,7 +283,7 @@ def online_block_sums(
         after_chunk(num_steps, state)
     outputs = []
     for ts in step_chunks(num_steps, chunk):
-        state, out = run(params, state, classes, jnp.asarray(ts))
+        state, out = run(params, prior, state, classes, jnp.asarray(ts))
         outputs.append(out)  # on the devices until the end, so that the next chunk is dispatched at once
         if progress is not None:
             jax.block_until_ready(state)  # count the chunk when it is done, not when dispatched
@@ -319,3 +295,48 @@ def online_block_sums(
     sums, state_sums, paths = out
     x_0, log_posterior = to_host((state.x, state.log_posterior))
     return OnlineRun(sums, x_0, log_posterior, paths, state_block_sums=state_sums)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Observer:
+    """What the online loop records at each step, compared by value (a key of `_online_program`):
+    the block sums of the problem entropies, of the exact state posterior's when asked for, and
+    record(x_t, log P(k | x_t)). state_log_posterior and record are compared as they compare
+    (the library's are frozen dataclasses; a plain function is compared by identity)."""
+
+    membership: StaticArray
+    blocks: Blocks
+    unconditional: bool
+    state_log_posterior: Any
+    record: Any
+
+    def __call__(self, params, prior, t, x, log_post, log_ratio):
+        """prior: (K,) the normalised log pi_k."""
+        membership = self.membership.array
+        if self.unconditional:
+            sums = block_entropy_sums(log_post, membership, self.blocks, prior, log_ratio)
+        else:
+            sums = block_entropy_sums(log_post, membership, self.blocks)
+        state_sums = None
+        if self.state_log_posterior is not None:
+            state_sums = block_entropy_sums(self.state_log_posterior(params, t, x), membership, self.blocks)
+        return sums, state_sums, (self.record(x, log_post) if self.record is not None else None)
+
+
+_PROGRAMS: dict = {}  # (tracker, observer, with_null, N, shape) -> (init, run), oldest first
+MAX_PROGRAMS = 16  # compiled online loops kept; a plain-function eps or record that is new each call fills it
+
+
+def _online_program(tracker: Tracker, observer: _Observer, with_null: bool, num: int, shape: tuple[int, ...]):
+    """The compiled init and chunk of the online loop, shared by every call with an equal tracker
+    and observer (the same eps function and equal settings): a second seed compiles nothing."""
+    key = (tracker, observer, bool(with_null), int(num), shape)
+    if key not in _PROGRAMS:
+        while len(_PROGRAMS) >= MAX_PROGRAMS:
+            _PROGRAMS.pop(next(iter(_PROGRAMS)))
+
+        def run(params, prior, state, classes, ts):
+            return tracker.run(params, state, classes, ts, functools.partial(observer, params, prior), with_null)
+
+        _PROGRAMS[key] = (jax.jit(lambda k, log_prior: tracker.init(k, num, shape, log_prior)), jax.jit(run))
+    return _PROGRAMS[key]

@@ -31,6 +31,7 @@ the online estimator estimates: path posterior and state posterior".
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterator
 
 import jax
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff_info.schedule import Sampler, Schedule, reverse_mean, reverse_std, reverse_step
+from jaxdiff_info.static import schedule_key
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -106,6 +108,20 @@ class Tracker:
         check = getattr(self.eps_fn, "check_schedule", None)
         if check is not None:
             check(self.schedule)
+
+    # Equal trackers (the same eps function, equal schedules and settings) compile to the same
+    # program, so a tracker is compared by value: `estimators.online_block_sums` then reuses
+    # the compiled loop across calls (another seed of a study).
+    @functools.cached_property
+    def _key(self) -> tuple:
+        return (self.eps_fn, schedule_key(self.schedule), self.sampler, self.num_classes, self.guidance,
+                self.batch_size, self.path_posterior)
+
+    def __eq__(self, other):
+        return isinstance(other, Tracker) and self._key == other._key
+
+    def __hash__(self):
+        return hash(self._key)
 
     # --- one trajectory, one step ------------------------------------------------------
 

@@ -241,3 +241,61 @@ def test_a_second_call_with_other_keys_reuses_the_compilation():
     assert [f._cache_size() for f in compiled] == sizes
     calls(2, [jdi.make_problem("1 vs 2", [[1], [2]], 3)])
     assert [f._cache_size() for f in compiled][:2] == [n + 1 for n in sizes[:2]]
+
+
+def test_the_online_loop_is_compiled_once_for_a_study_over_seeds(monkeypatch):
+    """online_curves keys its compiled loop on the tracker and what it records, by value: a
+    second seed with an equal schedule built afresh (and so a fresh mixture eps, or a network's
+    eps made again) compiles nothing; another schedule compiles anew; a plain-function eps that
+    is new each call fills a bounded cache."""
+    import jaxdiff_info as jdi
+    from jaxdiff_info import unet
+
+    mix = jdi.make_mixture([-2.0, 1.0, 3.0])
+    centred = jdi.mixture.centred(mix)[0]
+
+    def calls(seed, steps=30):
+        schedule = jdi.linear_schedule(steps)
+        mixture = jdi.online_curves(mix, None, schedule, samples_per_class=8, key=jax.random.key(seed),
+                                    num_resamples=4)
+        network = jdi.Network(jdi.mixture.eps_fn(schedule), centred, (1,), 3)
+        jdi.online_curves(network, None, schedule, samples_per_class=4, key=jax.random.key(seed), num_resamples=4)
+        return mixture
+
+    def compiled():
+        return {key: (init._cache_size(), run._cache_size()) for key, (init, run) in E._PROGRAMS.items()}
+
+    E._PROGRAMS.clear()
+    first = calls(0)
+    before = compiled()
+    assert len(before) == 2 and all(sizes == (1, 1) for sizes in before.values())
+    again = calls(1)
+    assert compiled() == before
+    assert not np.array_equal(first.trajectories.x_0, again.trajectories.x_0)  # another seed, the same program
+    np.testing.assert_array_equal(calls(0).trajectories.x_0, first.trajectories.x_0)
+    calls(0, steps=31)
+    assert len(compiled()) == 4
+
+    monkeypatch.setattr(E, "MAX_PROGRAMS", 2)
+    schedule = jdi.linear_schedule(25)
+    for seed in range(E.MAX_PROGRAMS + 2):
+        eps = jdi.mixture.eps_fn(schedule)
+        network = jdi.Network(lambda p, x, t, k: eps(p, x, t, k), centred, (1,), 3)
+        jdi.online_curves(network, None, schedule, samples_per_class=2, key=jax.random.key(seed), num_resamples=4)
+    assert len(E._PROGRAMS) == E.MAX_PROGRAMS
+
+    config = unet.get_config("tiny")
+    assert unet.make_eps_fn(config) is unet.make_eps_fn(config)
+    assert unet.make_eps_fn(config, compute_dtype=jnp.bfloat16) is not unet.make_eps_fn(config)
+
+
+def test_trackers_compare_by_value():
+    eps = M.eps_fn(S.linear_schedule(30))
+    a = Tracker(eps, S.linear_schedule(30), S.Sampler(), 3)
+    assert a == Tracker(M.eps_fn(S.linear_schedule(30)), S.linear_schedule(30), S.Sampler(), 3)
+    assert hash(a) == hash(Tracker(eps, S.linear_schedule(30), S.Sampler(), 3))
+    assert a != Tracker(eps, S.linear_schedule(30), S.Sampler(), 3, guidance=1.0)
+    cosine = S.cosine_schedule(30)
+    assert a != Tracker(M.eps_fn(cosine), cosine, S.Sampler(), 3)
+    assert a != Tracker(eps, S.linear_schedule(30), S.Sampler("ddpm", "large"), 3)
+    assert a != Tracker(lambda *args: eps(*args), S.linear_schedule(30), S.Sampler(), 3)

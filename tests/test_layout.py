@@ -8,16 +8,17 @@ import pytest
 
 LIB = Path(__file__).resolve().parents[1] / "jaxdiff_info"
 
-CORE = {"schedule", "mixture", "decisions", "curves"}
+CORE = {"schedule", "mixture", "decisions", "curves", "static"}
 # what each room may import from the library (besides its own package's modules)
 ALLOWED = {
     # the math core, bottom first
+    "static": set(),  # values as static arguments of compiled functions, compared by value
     "schedule": set(),
     "decisions": set(),
-    "mixture": {"schedule"},
+    "mixture": {"schedule", "static"},
     "curves": {"decisions"},
     # the tracker and the estimators on it
-    "tracking": {"schedule"},
+    "tracking": {"schedule", "static"},
     "distributed": set(),  # several processes: start, gather to the host, who writes
     "stderr_filter": set(),  # run by distributed as a script of its own: imports nothing of the library
     "estimators": CORE | {"tracking", "distributed"},

@@ -11,6 +11,7 @@ import numpy as np
 from jaxdiff_info.mixture.closed_form import class_eps, isotropic_eps_gains
 from jaxdiff_info.mixture.model import GaussianMixture
 from jaxdiff_info.schedule import Schedule
+from jaxdiff_info.static import schedule_key
 
 
 def _component(mixture: GaussianMixture, k: jax.Array) -> GaussianMixture:
@@ -44,7 +45,23 @@ def eps_fn(schedule: Schedule, with_null: bool = True):
           not built for.
 
     with_null=False: class-conditional predictions only (k = C returns NaN, loud not wrong).
+
+    Equal schedules give the same function (kept for the last 64), so that the online
+    classifier's compiled loop, keyed on it, is reused by the next call.
     """
+    key = (schedule_key(schedule), bool(with_null))
+    if key not in _EPS_FNS:
+        if len(_EPS_FNS) >= 64:
+            _EPS_FNS.pop(next(iter(_EPS_FNS)))
+        _EPS_FNS[key] = _eps_fn(schedule, bool(with_null))
+    return _EPS_FNS[key]
+
+
+_EPS_FNS: dict = {}  # (schedule by value, with_null) -> its eps function, oldest first
+
+
+def _eps_fn(schedule: Schedule, with_null: bool):
+    """`eps_fn`, built."""
 
     def alpha_bar_of(t):
         """alpha_bar at model timestep t: the schedule's step whose timestep is t."""

@@ -150,7 +150,16 @@ def make_eps_fn(
     Compose with ``jax.vmap`` (e.g. over trajectories and over classes) and
     ``jax.jit``; GroupNorm and attention act per example, so vmapped calls equal
     a single batched ``apply``.
+
+    The same config and dtype give the same function, so that a compiled loop keyed on it
+    (the online classifier's) is reused by the next call.
     """
+    return _eps_fn(net, None if compute_dtype is None else jnp.dtype(compute_dtype))
+
+
+@functools.lru_cache(maxsize=16)
+def _eps_fn(net, compute_dtype):
+    """`make_eps_fn`, built."""
     gdef = graphdef(net) if isinstance(net, UNetConfig) else net
 
     def eps(params, x_t, t, k):
