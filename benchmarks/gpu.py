@@ -90,17 +90,20 @@ TARGET_IMAGES_PER_S_BF16 = 8000  # on one H200
 BUDGET_S = 480  # the full run is sized to finish within this on one H200
 
 # Dense bf16 tensor-core peaks, FLOP/s, from NVIDIA's data sheets (SXM parts).
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+# dense bf16 tensor-core peaks, FLOP/s, from NVIDIA's data sheets (which quote twice these, "with
+# sparsity"); the first name found in a device_kind wins, so the specific parts come first
+PEAK_BF16 = {"H200 NVL": 835e12, "H100 NVL": 835e12, "H100 PCIE": 756e12, "H200": 989e12, "H100": 989e12,
+             "A100": 312e12}
 
 
 def peak_bf16_flops(device_kind: str) -> float | None:
-    """The table's peak for a jax device_kind ("NVIDIA H200", "NVIDIA A100-SXM4-80GB", ...).
-    H100/H200 PCIe and NVL parts have lower peaks than the SXM figures: None, as for any
-    device not in the table."""
+    """The table's peak for a jax device_kind ("NVIDIA H200", "NVIDIA A100-SXM4-80GB", ...);
+    None for a device not in it (an H200/H100 part the table does not name, e.g. a PCIe H200,
+    as well)."""
     kind = device_kind.upper()
     for name, peak in PEAK_BF16.items():
         if name in kind:
-            if name != "A100" and ("PCIE" in kind or "NVL" in kind):
+            if name in ("H200", "H100") and ("PCIE" in kind or "NVL" in kind):
                 return None
             return peak
     return None

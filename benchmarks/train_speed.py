@@ -60,6 +60,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -89,6 +90,7 @@ JAX_VARIANTS = {
     "jax-concurrent": ("library --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED", "rbg", "step",
                        "auto"),
     "jax-legacy-emitters": ("library --xla_cpu_use_fusion_emitters=false", "rbg", "step", "auto"),
+    "jax-heap": ("library", "rbg", "step", "auto"),  # with HEAP_ENV
 }
 # name: (threads, OMP_WAIT_POLICY or None, channels_last, part)
 TORCH_VARIANTS = {
@@ -98,12 +100,19 @@ TORCH_VARIANTS = {
     "torch-cl": (2, "PASSIVE", True, "step"),
     "torch-nodrop": (2, "PASSIVE", False, "nodrop"),
     "torch-fwd": (2, "PASSIVE", False, "fwd"),
+    "torch-heap": (2, "PASSIVE", False, "step"),  # with HEAP_ENV
 }
+# glibc malloc kept to its main heap, which it never returns to the system: a thread's large
+# allocation (XLA:CPU's temporary buffer of a step, 557 MB for ddpm b8) is otherwise mmap-ed and
+# unmapped at every step, and its pages fault in anew (137,000 minor faults per step)
+HEAP_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 40)}
+HEAP_VARIANTS = ("jax-heap", "torch-heap")
 LABELS = {
     "jax": "JAX, lib XLA flags", "jax-xla": "JAX, XLA default flags",
     "jax-threefry": "JAX, threefry key", "jax-local": "JAX, local step",
     "jax-nodrop": "JAX, no dropout", "jax-fwd": "JAX, forward only",
     "jax-concurrent": "JAX, concurrency scheduler", "jax-legacy-emitters": "JAX, legacy fusion emitters",
+    "jax-heap": "JAX, malloc main heap", "torch-heap": "PyTorch, malloc main heap",
     "torch": "PyTorch 2 thr passive", "torch-spin": "PyTorch 2 thr spin-wait",
     "torch-1t": "PyTorch 1 thread", "torch-cl": "PyTorch channels_last",
     "torch-nodrop": "PyTorch, no dropout", "torch-fwd": "PyTorch, forward only",
@@ -391,8 +400,11 @@ def serve(ready: dict, run) -> None:
         cmd = line.split()
         if not cmd or cmd[0] == "quit":
             break
+        before = resource.getrusage(resource.RUSAGE_SELF)
         seconds, loss = run(int(cmd[1]))
-        print(PROTOCOL + json.dumps({"seconds": seconds, "loss": loss}), flush=True)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        print(PROTOCOL + json.dumps({"seconds": seconds, "loss": loss, "minflt": after.ru_minflt - before.ru_minflt,
+                                     "sys_s": after.ru_stime - before.ru_stime}), flush=True)
 
 
 # --- layer micro-benchmarks (--ops) --------------------------------------------------------
@@ -527,8 +539,9 @@ class Worker:
         self.log = open(os.path.join(log_dir, f"{variant}-{config}-{batch}.log"), "w+")
         cmd = [sys.executable, "-m", "benchmarks.train_speed", "--worker", variant,
                "--config", config, "--batch", str(batch), "--seed", str(args.seed), "--init", init_path]
+        env = {**os.environ, **HEAP_ENV} if variant in HEAP_VARIANTS else None
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True, bufsize=1)
+                                     stderr=self.log, text=True, bufsize=1, env=env)
         self.ready = self._read()["ready"]
 
     def _read(self) -> dict:
@@ -600,6 +613,8 @@ def counterparts(variants: list[str]) -> dict[str, str]:
         if v in JAX_VARIANTS:
             part = part_of(v)
             out[v] = torch_step if part == "step" else f"torch-{part}"
+            if v == "jax-heap" and "torch-heap" in variants:  # the same allocator on both sides
+                out[v] = "torch-heap"
             if out[v] not in variants:
                 out[v] = None
     return out
@@ -724,6 +739,7 @@ def main(argv=None) -> None:
         correctness_gate(sorted({c for c, _ in cases}, key=lambda c: c != "tiny"), args.tolerance, say)
 
     rows = []
+    kernel = {}  # (config, batch, variant) -> per repetition (minor page faults, system CPU s) per step
     with tempfile.TemporaryDirectory() as tmp:
         for name, batch in cases:
             config = unet.get_config(name)
@@ -761,6 +777,7 @@ def main(argv=None) -> None:
                         if not math.isfinite(out["loss"]):
                             raise SystemExit(f"{w.variant}: loss {out['loss']}")
                         times[w.variant].append(out["seconds"] / n)
+                        kernel.setdefault((name, batch, w.variant), []).append((out["minflt"] / n, out["sys_s"] / n))
                     say(f"  rep {rep + 1}/{n_reps} ({n} step{'s' * (n > 1)} each), ms/step: " + ", ".join(
                         f"{v} {ts[-1] * 1e3:.0f}" for v, ts in times.items()))
             finally:
@@ -790,6 +807,8 @@ def main(argv=None) -> None:
                 line += f"  {med(times[pairs[v]]) / m:5.2f}x vs {pairs[v]}"
             if v in JAX_VARIANTS:
                 line += f"  (compile {ready[v]['compile_s']:.0f} s)"
+            faults, sys_s = zip(*kernel[(name, batch, v)])
+            line += f"  page faults/step {med(faults):.0f}, system CPU {med(sys_s) * 1e3:.0f} ms/step"
             say(line)
     if jax_main and torch_main:
         say("\nratio per repetition (the two ran back to back): median [min, max] of torch / JAX ms per step")

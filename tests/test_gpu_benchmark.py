@@ -164,7 +164,10 @@ def test_peak_table():
     assert gpu.peak_bf16_flops("NVIDIA H200") == 989e12
     assert gpu.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert gpu.peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
-    assert gpu.peak_bf16_flops("NVIDIA H100 PCIe") is None
+    assert gpu.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu.peak_bf16_flops("NVIDIA H200 NVL") == 835e12
+    assert gpu.peak_bf16_flops("NVIDIA H100 NVL") == 835e12
+    assert gpu.peak_bf16_flops("NVIDIA H200 PCIe") is None
     assert gpu.peak_bf16_flops("cpu") is None
 
 
