@@ -289,18 +289,21 @@ class Curves:
                              pair(self.half_time_ci95))
 
 
+def _summarise(time, rate_op, smooth_op, class_weights, class_entropy):
+    """Entropy, rate, peak step and half-entropy time (on the smoothed curve) from (..., T, K, P)
+    per-class profiles (time-major: (..., T, P))."""
+    h = problem_entropy(class_entropy, class_weights)
+    r = jnp.einsum("st,...tp->...sp", rate_op, h, precision=jax.lax.Precision.HIGHEST)
+    smooth = jnp.einsum("st,...tp->...sp", smooth_op, h, precision=jax.lax.Precision.HIGHEST)
+    return h, r, jnp.argmax(r, axis=-2), half_entropy_time(time, smooth)
+
+
 @functools.partial(jax.jit, static_argnames="num_resamples")
 def _curves(time, rate_op, smooth_op, class_entropy, class_weights, key, block_sums, block_counts, num_resamples):
-    """Entropy, rate, peak and half-entropy time (on the smoothed curve) of the point estimate
-    and of bootstrap resamples, in one program (time-major: (T, P) and (T, K, P))."""
+    """The summaries of the point estimate and the 95% percentiles of those of bootstrap
+    resamples, in one program."""
     time_index = jnp.arange(rate_op.shape[0])
-
-    def summarise(ce):
-        h = problem_entropy(ce, class_weights)
-        r = jnp.einsum("st,...tp->...sp", rate_op, h, precision=jax.lax.Precision.HIGHEST)
-        smooth = jnp.einsum("st,...tp->...sp", smooth_op, h, precision=jax.lax.Precision.HIGHEST)
-        return h, r, jnp.argmax(r, axis=-2), half_entropy_time(time, smooth)
-
+    summarise = functools.partial(_summarise, time, rate_op, smooth_op, class_weights)
     point = summarise(class_entropy)
     if block_sums is None:
         return point, None
@@ -358,18 +361,54 @@ def _assemble(time, class_entropy, problems, estimator, method, bandwidth, key=N
     return dataclasses.replace(
         curves, entropy_bits_ci95=np.transpose(h_ci, (2, 1, 0)), entropy_rate_ci95=np.transpose(r_ci, (2, 1, 0)),
         peak_time_ci95=peak_ci.T, half_time_ci95=half_ci.T,
-        resampling=Resampling(np.asarray(block_sums), np.asarray(block_counts), key, num_resamples))
+        resampling=Resampling(np.asarray(block_sums), np.asarray(block_counts), key, num_resamples,
+                              np.asarray(problems.class_weights, np.float32)))
 
 
 @dataclasses.dataclass(frozen=True)
 class Resampling:
     """What a Monte Carlo estimator's intervals were drawn from: block_sums (T, K, B, P) of
-    h(P(z | x_t)), block_counts (K, B), the bootstrap key and the number of resamples."""
+    h(P(z | x_t)), block_counts (K, B), the bootstrap key, the number of resamples and the
+    problems' (P, K) class weights."""
 
     block_sums: np.ndarray
     block_counts: np.ndarray
     key: Any
     num_resamples: int
+    class_weights: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Replicates:
+    """The bootstrap resamples behind a Monte Carlo estimator's intervals (`bootstrap_replicates`):
+    entropy_bits (R, P, T), peak_time and half_time (R, P)."""
+
+    entropy_bits: np.ndarray
+    peak_time: np.ndarray
+    half_time: np.ndarray
+
+
+@functools.partial(jax.jit, static_argnames="num_resamples")
+def _replicates(time, rate_op, smooth_op, class_weights, key, block_sums, block_counts, num_resamples):
+    return _summarise(time, rate_op, smooth_op, class_weights,
+                      bootstrap_class_entropy(key, block_sums, block_counts, num_resamples))
+
+
+def bootstrap_replicates(curves: Curves) -> Replicates | None:
+    """The R bootstrap resamples whose percentiles are the curves' 95% intervals, drawn again
+    from `curves.resampling` with its key (the same resamples, to float32 rounding). For
+    intervals of anything computed from two independent estimates, e.g. the difference of
+    two models' half-entropy times (`results.curve_differences`). None without sampling error
+    (the exact estimator)."""
+    rs = curves.resampling
+    if rs is None:
+        return None
+    time = np.asarray(curves.time)
+    h, _, peak, half = _replicates(
+        jnp.asarray(time, jnp.float32), jnp.asarray(rate_operator(time, curves.rate_bandwidth), jnp.float32),
+        jnp.asarray(smoothing_operator(time, curves.rate_bandwidth), jnp.float32), jnp.asarray(rs.class_weights),
+        rs.key, jnp.asarray(rs.block_sums), jnp.asarray(rs.block_counts), rs.num_resamples)
+    return Replicates(np.transpose(np.asarray(h), (0, 2, 1)), time[np.asarray(peak)], np.asarray(half, np.float64))
 
 
 def class_curves(curves: Curves, problem: str, class_names: Sequence[str], key: jax.Array) -> Curves:

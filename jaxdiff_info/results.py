@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from jaxdiff_info.curves import Curves, local_peaks
+from jaxdiff_info.curves import Curves, bootstrap_replicates, local_peaks
 
 
 class WriteError(OSError):
@@ -332,36 +332,53 @@ def curves_arrays(curves: Mapping[str, Curves]) -> dict[str, np.ndarray]:
     return arrays
 
 
-DIFFERENCE_METHOD = ("a minus b on the same time grid; intervals: the two estimates are independent, so each "
-                     "95% half-width is the root sum of squares of the two curves' own 95% half-widths "
-                     "(a normal approximation to the percentile bootstrap intervals)")
+DIFFERENCE_METHOD = ("a minus b on the same time grid; intervals: the 2.5 and 97.5 percentiles of a* - b* over "
+                     "every pair of the two estimates' bootstrap resamples (they are independent; an estimate "
+                     "without sampling error enters as its value), for D_k(t) the root sum of squares of the two "
+                     "bands' half-widths (a normal approximation)")
 
 
 def _half_width(ci: np.ndarray | None) -> np.ndarray | float:
     return 0.0 if ci is None else (np.asarray(ci)[..., 1] - np.asarray(ci)[..., 0]) / 2.0
 
 
+def _resamples(c: Curves, replicates, field: str, index: int, at: int | None = None) -> np.ndarray:
+    """(R,) the bootstrap resamples of one value of curves `c` (its value alone without sampling error)."""
+    if replicates is None:
+        if getattr(c, "entropy_bits_ci95") is not None:
+            raise ValueError(f"the {c.estimator} curves have intervals but no resampling to draw them from")
+        value = getattr(c, field)[index]
+        return np.atleast_1d(np.asarray(value if at is None else value[at], np.float64))
+    value = getattr(replicates, field)[:, index]
+    return np.asarray(value if at is None else value[:, at], np.float64)
+
+
+def _interval(d: float, a: np.ndarray, b: np.ndarray) -> list:
+    """The 95% percentile interval of a* - b* over every pair of resamples, around the estimate d."""
+    if a.size == 1 and b.size == 1:
+        return _round([d, d])
+    return _round(np.percentile(np.subtract.outer(a, b), [2.5, 97.5]).tolist())
+
+
 def curve_differences(a: Curves, b: Curves, index: int, index_b: int | None = None) -> dict:
     """How row `index` of curves `a` (e.g. a network's) differs from row `index_b` (default:
     `index`) of `b` (e.g. a reference model's), for summary.json: the largest |H_a - H_b| in
     bits, the time t/T where it is and its interval there, and the peak-time and half-time
-    differences with intervals (`DIFFERENCE_METHOD`)."""
+    differences with intervals (`DIFFERENCE_METHOD`: from the bootstrap resamples of both)."""
     _check_grids(a, b)
     j = index if index_b is None else index_b
+    ra, rb = bootstrap_replicates(a), bootstrap_replicates(b)
     gap = np.asarray(a.entropy_bits[index], np.float64) - np.asarray(b.entropy_bits[j], np.float64)
     at = int(np.argmax(np.abs(gap)))
-    band = np.hypot(_half_width(None if a.entropy_bits_ci95 is None else a.entropy_bits_ci95[index, at]),
-                    _half_width(None if b.entropy_bits_ci95 is None else b.entropy_bits_ci95[j, at]))
     out = {"max_abs_entropy_difference_bits": round(float(abs(gap[at])), 6),
            "max_abs_entropy_difference_time": round(float(a.time[at]), 6),
            "entropy_difference_bits_at_max": round(float(gap[at]), 6),
-           "entropy_difference_bits_at_max_ci95": _round([gap[at] - band, gap[at] + band])}
+           "entropy_difference_bits_at_max_ci95": _interval(
+               gap[at], _resamples(a, ra, "entropy_bits", index, at), _resamples(b, rb, "entropy_bits", j, at))}
     for field in ("peak_time", "half_time"):
         d = float(getattr(a, field)[index]) - float(getattr(b, field)[j])
-        ca, cb = getattr(a, f"{field}_ci95"), getattr(b, f"{field}_ci95")
-        w = float(np.hypot(_half_width(None if ca is None else ca[index]), _half_width(None if cb is None else cb[j])))
         out[f"{field}_difference"] = round(d, 6)
-        out[f"{field}_difference_ci95"] = _round([d - w, d + w])
+        out[f"{field}_difference_ci95"] = _interval(d, _resamples(a, ra, field, index), _resamples(b, rb, field, j))
     return out
 
 

@@ -299,3 +299,22 @@ def test_trackers_compare_by_value():
     assert a != Tracker(M.eps_fn(cosine), cosine, S.Sampler(), 3)
     assert a != Tracker(eps, S.linear_schedule(30), S.Sampler("ddpm", "large"), 3)
     assert a != Tracker(lambda *args: eps(*args), S.linear_schedule(30), S.Sampler(), 3)
+
+
+def test_bootstrap_replicates_are_the_resamples_behind_the_intervals():
+    """Drawn again from the curves' block sums and key, the resamples' percentiles are the
+    stored 95% intervals (entropy, half-entropy time, peak time); the exact curves have none."""
+    import jaxdiff_info as jdi
+
+    mix = jdi.make_mixture([-8.0, -4.0, 6.0, 8.0])
+    schedule = jdi.linear_schedule(200)
+    problems = [jdi.class_label(4), jdi.make_problem("6 vs 8", [[2], [3]], 4)]
+    c = jdi.forward_mc_curves(mix, problems, schedule, samples_per_class=64, key=jax.random.key(3), num_resamples=50)
+    r = C.bootstrap_replicates(c)
+    assert r.entropy_bits.shape == (50, 2, 200) and r.half_time.shape == r.peak_time.shape == (50, 2)
+    q = [2.5, 97.5]
+    np.testing.assert_allclose(np.moveaxis(np.percentile(r.entropy_bits, q, axis=0), 0, -1), c.entropy_bits_ci95,
+                               atol=1e-5)
+    np.testing.assert_allclose(np.percentile(r.half_time, q, axis=0).T, c.half_time_ci95, atol=1e-5)
+    np.testing.assert_allclose(np.percentile(r.peak_time, q, axis=0).T, c.peak_time_ci95, atol=1e-5)
+    assert C.bootstrap_replicates(jdi.exact_curves(mix, problems, schedule)) is None
