@@ -345,7 +345,7 @@ def _half_width(ci: np.ndarray | None) -> np.ndarray | float:
 def _resamples(c: Curves, replicates, field: str, index: int, at: int | None = None) -> np.ndarray:
     """(R,) the bootstrap resamples of one value of curves `c` (its value alone without sampling error)."""
     if replicates is None:
-        if getattr(c, "entropy_bits_ci95") is not None:
+        if c.entropy_bits_ci95 is not None:
             raise ValueError(f"the {c.estimator} curves have intervals but no resampling to draw them from")
         value = getattr(c, field)[index]
         return np.atleast_1d(np.asarray(value if at is None else value[at], np.float64))
@@ -354,7 +354,8 @@ def _resamples(c: Curves, replicates, field: str, index: int, at: int | None = N
 
 
 def _interval(d: float, a: np.ndarray, b: np.ndarray) -> list:
-    """The 95% percentile interval of a* - b* over every pair of resamples, around the estimate d."""
+    """The 95% percentile interval of a* - b* over every pair of resamples; [d, d] (d: the
+    estimate) when neither has sampling error."""
     if a.size == 1 and b.size == 1:
         return _round([d, d])
     return _round(np.percentile(np.subtract.outer(a, b), [2.5, 97.5]).tolist())
