@@ -323,7 +323,7 @@ class _Observer:
         return sums, state_sums, (self.record(x, log_post) if self.record is not None else None)
 
 
-_PROGRAMS: dict = {}  # (tracker, observer, with_null, N, shape) -> (init, run), oldest first
+_PROGRAMS: dict = {}  # (tracker, observer, with_null, N, shape) -> (init, run), least recently used first
 MAX_PROGRAMS = 16  # compiled online loops kept; a plain-function eps or record that is new each call fills it
 
 
@@ -339,4 +339,5 @@ def _online_program(tracker: Tracker, observer: _Observer, with_null: bool, num:
             return tracker.run(params, state, classes, ts, functools.partial(observer, params, prior), with_null)
 
         _PROGRAMS[key] = (jax.jit(lambda k, log_prior: tracker.init(k, num, shape, log_prior)), jax.jit(run))
+    _PROGRAMS[key] = _PROGRAMS.pop(key)  # the most recently used last
     return _PROGRAMS[key]

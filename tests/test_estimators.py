@@ -275,6 +275,9 @@ def test_the_online_loop_is_compiled_once_for_a_study_over_seeds(monkeypatch):
     np.testing.assert_array_equal(calls(0).trajectories.x_0, first.trajectories.x_0)
     calls(0, steps=31)
     assert len(compiled()) == 4
+    oldest = list(E._PROGRAMS)[:2]
+    calls(2)  # the 30-step loops again: now the most recently used, the last to be dropped
+    assert list(E._PROGRAMS)[-2:] == oldest and len(compiled()) == 4
 
     monkeypatch.setattr(E, "MAX_PROGRAMS", 2)
     schedule = jdi.linear_schedule(25)

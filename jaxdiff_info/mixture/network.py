@@ -46,7 +46,7 @@ def eps_fn(schedule: Schedule, with_null: bool = True):
 
     with_null=False: class-conditional predictions only (k = C returns NaN, loud not wrong).
 
-    Equal schedules give the same function (kept for the last 64), so that the online
+    Equal schedules give the same function (kept for the 64 most recently used), so that the online
     classifier's compiled loop, keyed on it, is reused by the next call.
     """
     key = (schedule_key(schedule), bool(with_null))
@@ -54,10 +54,11 @@ def eps_fn(schedule: Schedule, with_null: bool = True):
         if len(_EPS_FNS) >= 64:
             _EPS_FNS.pop(next(iter(_EPS_FNS)))
         _EPS_FNS[key] = _eps_fn(schedule, bool(with_null))
+    _EPS_FNS[key] = _EPS_FNS.pop(key)  # the most recently used last
     return _EPS_FNS[key]
 
 
-_EPS_FNS: dict = {}  # (schedule by value, with_null) -> its eps function, oldest first
+_EPS_FNS: dict = {}  # (schedule by value, with_null) -> its eps function, least recently used first
 
 
 def _eps_fn(schedule: Schedule, with_null: bool):
