@@ -361,14 +361,17 @@ def _interval(d: float, a: np.ndarray, b: np.ndarray) -> list:
     return _round(np.percentile(np.subtract.outer(a, b), [2.5, 97.5]).tolist())
 
 
-def curve_differences(a: Curves, b: Curves, index: int, index_b: int | None = None) -> dict:
+def curve_differences(a: Curves, b: Curves, index: int, index_b: int | None = None, *,
+                      replicates: tuple | None = None) -> dict:
     """How row `index` of curves `a` (e.g. a network's) differs from row `index_b` (default:
     `index`) of `b` (e.g. a reference model's), for summary.json: the largest |H_a - H_b| in
     bits, the time t/T where it is and its interval there, and the peak-time and half-time
-    differences with intervals (`DIFFERENCE_METHOD`: from the bootstrap resamples of both)."""
+    differences with intervals (`DIFFERENCE_METHOD`: from the bootstrap resamples of both).
+    replicates: (`bootstrap_replicates(a)`, `bootstrap_replicates(b)`), drawn once for the
+    rows of several calls; None: drawn here."""
     _check_grids(a, b)
     j = index if index_b is None else index_b
-    ra, rb = bootstrap_replicates(a), bootstrap_replicates(b)
+    ra, rb = (bootstrap_replicates(a), bootstrap_replicates(b)) if replicates is None else replicates
     gap = np.asarray(a.entropy_bits[index], np.float64) - np.asarray(b.entropy_bits[j], np.float64)
     at = int(np.argmax(np.abs(gap)))
     out = {"max_abs_entropy_difference_bits": round(float(abs(gap[at])), 6),

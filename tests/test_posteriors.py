@@ -156,6 +156,7 @@ def test_difference_intervals_come_from_the_resamples_of_both_estimates():
     pairs = np.subtract.outer(ra.peak_time[:, 0], rb.peak_time[:, 0])
     assert pairs.shape == (30, 40)
     np.testing.assert_allclose(d["peak_time_difference_ci95"], np.percentile(pairs, [2.5, 97.5]), atol=1e-6)
+    assert results.curve_differences(fmc_a, fmc, 0, replicates=(ra, rb)) == d
 
 
 @pytest.mark.slow

@@ -59,20 +59,27 @@ def compare(network_result, reference_results: dict, label_index: int) -> dict:
     network's online curves differ from the reference's (network minus reference)."""
     from jaxdiff_info import results
 
+    from jaxdiff_info.curves import bootstrap_replicates
+
     out = {"difference_method": results.DIFFERENCE_METHOD}
     net, net_classes = network_result.curves, network_result.class_curves
+    net_resamples = bootstrap_replicates(net)  # drawn once for every reference and row
+    net_class_resamples = None if net_classes is None else bootstrap_replicates(net_classes)
     for name, (ref, description) in reference_results.items():
         entry = {"model": description, "posterior": ref.posterior,
                  "problems": [], "classes": []}
+        pair = (net_resamples, bootstrap_replicates(ref.curves))
         for i, problem in enumerate(net.problems):
             entry["problems"].append({"name": problem.name, "peak_time": round(float(ref.curves.peak_time[i]), 6),
                                       "half_time": round(float(ref.curves.half_time[i]), 6),
-                                      **results.curve_differences(net, ref.curves, i)})
+                                      **results.curve_differences(net, ref.curves, i, replicates=pair)})
         if net_classes is not None and ref.class_curves is not None:
+            pair = (net_class_resamples, bootstrap_replicates(ref.class_curves))
             for k, cls in enumerate(net_classes.names):
                 entry["classes"].append({"name": cls, "peak_time": round(float(ref.class_curves.peak_time[k]), 6),
                                          "half_time": round(float(ref.class_curves.half_time[k]), 6),
-                                         **results.curve_differences(net_classes, ref.class_curves, k)})
+                                         **results.curve_differences(net_classes, ref.class_curves, k,
+                                                                     replicates=pair)})
         out[name] = entry
     out["label_problem"] = net.problems[label_index].name
     return out
