@@ -705,11 +705,17 @@ def main(argv=None) -> None:
 
     reps = args.reps or (3 if args.quick else 9)
     rep_seconds = args.rep_seconds or (1.5 if args.quick else 3.0)
-    cases = parse_cases(args.configs or (["tiny"] if args.quick else ["tiny", "ddpm"]))
+    try:
+        cases = parse_cases(args.configs or (["tiny"] if args.quick else ["tiny", "ddpm"]))
+    except ValueError:
+        ap.error(f"--configs takes NAME or NAME:B1,B2 with integer batch sizes, got {' '.join(args.configs)}")
+    for name, batch in cases:
+        if name not in ("tiny", "ddpm") or batch < 1:
+            ap.error(f"--configs: tiny or ddpm with batch sizes >= 1, got {name}:{batch}")
     variants = (args.variants or (BREAKDOWN_VARIANTS if args.breakdown else DEFAULT_VARIANTS)).split(",")
     for v in variants:
         if v not in JAX_VARIANTS and v not in TORCH_VARIANTS:
-            raise SystemExit(f"unknown variant {v!r}")
+            ap.error(f"unknown variant {v!r}; choose from {', '.join(list(JAX_VARIANTS) + list(TORCH_VARIANTS))}")
     pairs = counterparts(variants)
     jax_main = next((v for v in variants if v in JAX_VARIANTS), None)
     torch_main = pairs.get(jax_main)
