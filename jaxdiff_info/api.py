@@ -88,7 +88,27 @@ def _time(schedule: Schedule) -> np.ndarray:
 def _mixture_problems(mixture: gmm.GaussianMixture, problems) -> ProblemArrays:
     if not isinstance(mixture, gmm.GaussianMixture):
         raise ValueError(f"this estimator needs a GaussianMixture (the exact posterior), got {type(mixture).__name__}")
+    _check_class_weights(mixture)
     return problem_arrays(problems, np.asarray(mixture.class_weights, np.float64))
+
+
+def _check_class_weights(mixture: gmm.GaussianMixture) -> None:
+    """ValueError, one line, for a class of weight 0: P(class | x_t) and H(class | x_t) of a
+    class that never occurs are not defined by the mixture (its p(x_t | class) is 0 / 0)."""
+    empty = np.flatnonzero(~(np.asarray(mixture.class_weights, np.float64) > 0))
+    if empty.size:
+        raise ValueError(f"class {', '.join(map(str, empty))} of the mixture has weight 0; the estimators need every "
+                         f"class to have a weight > 0 (leave the class out of the mixture)")
+
+
+def _check_resampling(samples_per_class, num_resamples, what: str = "this estimator") -> None:
+    """ValueError, one line, when the bootstrap intervals would be empty: fewer than two
+    samples per class (one block) or fewer than two resamples."""
+    if isinstance(samples_per_class, bool) or int(samples_per_class) != samples_per_class or samples_per_class < 2:
+        raise ValueError(f"{what} needs an integer >= 2 samples per class (its bootstrap intervals need two), "
+                         f"got {samples_per_class}")
+    if isinstance(num_resamples, bool) or int(num_resamples) != num_resamples or num_resamples < 2:
+        raise ValueError(f"num_resamples must be an integer >= 2 (200 by default), got {num_resamples}")
 
 
 # --- 1. exact ----------------------------------------------------------------------------------
@@ -117,6 +137,7 @@ def forward_mc_curves(mixture: gmm.GaussianMixture, problems: Sequence[DecisionP
     axis (`analysis.trajectory_sharding`: over devices and processes, the same numbers)."""
     arrays = _mixture_problems(mixture, problems)
     _check_bandwidth(bandwidth)
+    _check_resampling(samples_per_class, num_resamples, "forward Monte Carlo")
     blocks = estimators.make_blocks(mixture.num_classes, samples_per_class, num_blocks)
     sums = estimators.forward_mc_block_sums(gmm.centred(mixture)[0], schedule, arrays.membership, blocks, key,
                                             sharding=sharding)
@@ -196,11 +217,13 @@ def online_curves(
     if generation not in GENERATIONS:
         raise ValueError(f"unknown generation {generation!r}; choose conditional or unconditional")
     _check_bandwidth(bandwidth)
+    _check_resampling(samples_per_class, num_resamples, "the online estimator")
     unconditional = generation == "unconditional"
     with_null = unconditional or guidance != 0.0
     shift = None
     state_log_posterior = None
     if isinstance(model, gmm.GaussianMixture):
+        _check_class_weights(model)
         mix, shift = gmm.centred(model)  # H is unchanged by the move; float32 is not
         _check_float32_range(mix, schedule, sampler)
         eps, params, shape = gmm.eps_fn(schedule, with_null=with_null), mix, (model.dim,)
@@ -359,9 +382,7 @@ def immse_curves(model: Model, problems: Sequence[DecisionProblem] | None, sched
     Advanced: sharding of the sample axis (over devices and processes, the same numbers);
     for networks batch_size (samples per network call), chunk (steps per compiled call) and
     progress(steps_done)."""
-    if isinstance(samples_per_class, bool) or int(samples_per_class) != samples_per_class or samples_per_class < 2:
-        raise ValueError(f"the I-MMSE estimator needs an integer >= 2 samples per class (its bootstrap intervals "
-                         f"need two), got {samples_per_class}")
+    _check_resampling(samples_per_class, num_resamples, "the I-MMSE estimator")
     _check_bandwidth(bandwidth)
     network = isinstance(model, Network)
     if not (network or isinstance(model, gmm.GaussianMixture)):

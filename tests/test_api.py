@@ -105,6 +105,36 @@ def test_bad_models_and_modes_are_refused():
         jdi.online_curves(net, None, SCHEDULE, samples_per_class=2, key=jax.random.key(0))
 
 
+ZERO_WEIGHT = jdi.make_mixture([-2.0, 0.0, 2.0], [0.5, 0.5, 0.5], [1.0, 0.0, 1.0])
+ESTIMATORS = {
+    "exact": lambda m, **kw: jdi.exact_curves(m, None, SCHEDULE),
+    "forward_mc": lambda m, **kw: jdi.forward_mc_curves(m, None, SCHEDULE, key=jax.random.key(0), **kw),
+    "online": lambda m, **kw: jdi.online_curves(m, None, SCHEDULE, key=jax.random.key(0), **kw),
+    "immse": lambda m, **kw: jdi.immse_curves(m, None, SCHEDULE, key=jax.random.key(0), **kw),
+}
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_a_class_of_weight_zero_is_refused_not_a_nan(estimator):
+    """P(class | x_t) of a class that never occurs is 0 / 0; before this check the exact and
+    I-MMSE estimators returned NaN curves (and a peak at the first step) for such a mixture."""
+    with pytest.raises(ValueError, match="class 1 of the mixture has weight 0"):
+        ESTIMATORS[estimator](ZERO_WEIGHT, samples_per_class=8)
+
+
+@pytest.mark.parametrize("estimator", ["forward_mc", "online", "immse"])
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(samples_per_class=1), "needs an integer >= 2 samples per class"),
+    (dict(samples_per_class=8, num_resamples=1), "num_resamples must be an integer >= 2"),
+    (dict(samples_per_class=8, num_resamples=0), "num_resamples must be an integer >= 2"),
+])
+def test_empty_intervals_are_refused(estimator, kwargs, message):
+    """One sample per class (one block) or one resample gave intervals of width 0; none an
+    obscure error inside the bootstrap."""
+    with pytest.raises(ValueError, match=message):
+        ESTIMATORS[estimator](MIX, **kwargs)
+
+
 def test_per_class_curves_average_to_the_problem_curve(three):
     _, fmc, _ = three
     per_class = C.class_curves(fmc, "all classes", ["a", "b", "c"], jax.random.key(3))

@@ -109,6 +109,7 @@ BAD_SPECS = [
     ({"means": [0, 1], "stds": [0, -1]}, "stds must be finite numbers >= 0"),
     ({"means": [0, 1], "stds": [0, 0], "weights": [-1, 2]}, "weights must be finite numbers >= 0"),
     ({"means": [0, 1], "stds": [0, 0], "weights": [0, 0]}, "weights must not all be zero"),
+    ({"means": [-2, 0, 2], "stds": [0.5, 0.5, 0.5], "weights": [1, 0, 1]}, "class 1 has weight 0"),
     ({"means": [0, 1, 2], "stds": [0, 0]}, "stds must have one entry per component"),
     ({"means": [[0, 1], [1, 2, 3]]}, "means must be numbers"),
     ({"means": [0, 1], "decisions": {"p": [[0], [2]]}}, "names class 2, but the classes are 0..1"),
