@@ -26,7 +26,7 @@ import numpy as np
 from jaxdiff_info import mixture as gmm
 from jaxdiff_info import results
 from jaxdiff_info.api import Network, forward_mc_curves, generating_classes, immse_curves, online_curves, recorded_paths
-from jaxdiff_info.curves import Curves, class_curves
+from jaxdiff_info.curves import Curves, bootstrap_replicates, class_curves
 from jaxdiff_info.decisions import DecisionProblem, class_label
 from jaxdiff_info.distributed import check_split, to_host
 from jaxdiff_info.schedule import Sampler, Schedule, eps_to_x0
@@ -275,11 +275,13 @@ def immse_differences(result: Analysis) -> dict:
             continue
         name = other.problems[0].name
         below_zero = other.time[other.entropy_bits_ci95[0, :, 1] < 0]
+        pair = (bootstrap_replicates(online), bootstrap_replicates(other))
         entry = {"estimator": est, "method": other.method, "posterior": other.posterior,
-                 "class_label": {"name": name, **results.curve_differences(online, other, online.index(name), 0),
+                 "class_label": {"name": name, **results.curve_differences(online, other, online.index(name), 0,
+                                                                           replicates=pair),
                                  "immse_entropy_below_zero_until_time": _latest(below_zero)}}
         if online.class_information_bits is not None:
-            entry["classes"] = results.information_differences(online, other, result.class_names)
+            entry["classes"] = results.information_differences(online, other, result.class_names, replicates=pair)
             if bound is not None:
                 for k, row in enumerate(entry["classes"]):
                     over = other.time[other.class_information_bits_ci95[k, :, 0] > bound[k]]

@@ -293,13 +293,13 @@ def online_curves(
             method=f"exact state posterior P(k | x_t) of the mixture at the x_t of the online trajectories "
                    f"({kernel})")
         exact_state = dataclasses.replace(exact_state, posterior=STATE_EXACT_POSTERIOR)
-    information = (None, None)
-    if own_sums is not None:  # D_k(t) = E_k[log P(k | x_t)] - log pi_k, in bits
-        log_pi = np.asarray(log_prior, np.float64)
-        gain = (np.asarray(own_sums, np.float64) - log_pi[None, :, None] * blocks.counts[None]) / math.log(2.0)
-        information = class_information(jax.random.fold_in(boot_key, 1), gain, blocks.counts, num_resamples)
-    return dataclasses.replace(curves, trajectories=trajectories, posterior=posterior, exact_state=exact_state,
-                               class_information_bits=information[0], class_information_bits_ci95=information[1])
+    curves = dataclasses.replace(curves, trajectories=trajectories, posterior=posterior, exact_state=exact_state)
+    if own_sums is None:
+        return curves
+    # D_k(t) = E_k[log P(k | x_t)] - log pi_k, in bits
+    log_pi = np.asarray(log_prior, np.float64)
+    gain = (np.asarray(own_sums, np.float64) - log_pi[None, :, None] * blocks.counts[None]) / math.log(2.0)
+    return _with_class_information(curves, jax.random.fold_in(boot_key, 1), gain)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,6 +334,18 @@ class _StatePosterior:
     def __call__(self, mixture, t, x):
         alpha_bar = jnp.asarray(self.alpha_bar.array)[t - 1]
         return jax.vmap(gmm.log_posterior, (None, 0, None))(mixture, x, alpha_bar)
+
+
+def _with_class_information(curves: Curves, key: jax.Array, block_sums: np.ndarray) -> Curves:
+    """`curves` with D_k(t) and its band (`class_information`) from (T, K, B) block sums in bits
+    over the blocks of `curves.resampling`; the sums and key are kept there, so that the band's
+    resamples can be drawn again (`curves.bootstrap_replicates`)."""
+    rs = curves.resampling
+    block_sums = np.asarray(block_sums, np.float32)
+    mean, band = class_information(key, block_sums, rs.block_counts, rs.num_resamples)
+    return dataclasses.replace(curves, class_information_bits=mean, class_information_bits_ci95=band,
+                               resampling=dataclasses.replace(rs, information_block_sums=block_sums,
+                                                              information_key=key))
 
 
 def class_information(key: jax.Array, block_sums: np.ndarray, block_counts: np.ndarray,
@@ -436,11 +448,9 @@ def immse_curves(model: Model, problems: Sequence[DecisionProblem] | None, sched
         num_resamples=num_resamples, estimator=estimator,
         method=f"I-MMSE: H(Z) - int_0^gamma_t 1/2 E||E[x_0 | x_t, z] - E[x_0 | x_t]||^2 d gamma with {denoisers}; "
                f"{draws}; trapezoid rule in log-SNR over the steps, from gamma = 0")
-    information = class_information(jax.random.fold_in(boot_key, 1), np.asarray(label_sums) / math.log(2.0),
-                                    blocks.counts, num_resamples)
     posterior = STATE_NETWORK_DENOISERS if network else STATE_EXACT_DENOISERS
-    return dataclasses.replace(curves, posterior=posterior, class_information_bits=information[0],
-                               class_information_bits_ci95=information[1])
+    return _with_class_information(dataclasses.replace(curves, posterior=posterior), jax.random.fold_in(boot_key, 1),
+                                  np.asarray(label_sums) / math.log(2.0))
 
 
 def generating_classes(num_classes: int, samples_per_class: int, generation: str) -> np.ndarray:

@@ -369,23 +369,28 @@ def _assemble(time, class_entropy, problems, estimator, method, bandwidth, key=N
 class Resampling:
     """What a Monte Carlo estimator's intervals were drawn from: block_sums (T, K, B, P) of
     h(P(z | x_t)), block_counts (K, B), the bootstrap key, the number of resamples and the
-    problems' (P, K) class weights."""
+    problems' (P, K) class weights; for the per-class information D_k (class_information_bits),
+    its (T, K, B) block sums in bits and the key of its band (None without it)."""
 
     block_sums: np.ndarray
     block_counts: np.ndarray
     key: Any
     num_resamples: int
     class_weights: np.ndarray
+    information_block_sums: np.ndarray | None = None
+    information_key: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Replicates:
     """The bootstrap resamples behind a Monte Carlo estimator's intervals (`bootstrap_replicates`):
-    entropy_bits (R, P, T), peak_time and half_time (R, P)."""
+    entropy_bits (R, P, T), peak_time and half_time (R, P), and class_information_bits (R, K, T)
+    where the curves have D_k (else None)."""
 
     entropy_bits: np.ndarray
     peak_time: np.ndarray
     half_time: np.ndarray
+    class_information_bits: np.ndarray | None = None
 
 
 @functools.partial(jax.jit, static_argnames="num_resamples")
@@ -408,7 +413,13 @@ def bootstrap_replicates(curves: Curves) -> Replicates | None:
         jnp.asarray(time, jnp.float32), jnp.asarray(rate_operator(time, curves.rate_bandwidth), jnp.float32),
         jnp.asarray(smoothing_operator(time, curves.rate_bandwidth), jnp.float32), jnp.asarray(rs.class_weights),
         rs.key, jnp.asarray(rs.block_sums), jnp.asarray(rs.block_counts), rs.num_resamples)
-    return Replicates(np.transpose(np.asarray(h), (0, 2, 1)), time[np.asarray(peak)], np.asarray(half, np.float64))
+    information = None
+    if rs.information_block_sums is not None:
+        information = np.transpose(np.asarray(bootstrap_class_entropy(
+            rs.information_key, jnp.asarray(rs.information_block_sums, jnp.float32)[..., None],
+            jnp.asarray(rs.block_counts), rs.num_resamples)[..., 0]), (0, 2, 1))
+    return Replicates(np.transpose(np.asarray(h), (0, 2, 1)), time[np.asarray(peak)], np.asarray(half, np.float64),
+                      information)
 
 
 def class_curves(curves: Curves, problem: str, class_names: Sequence[str], key: jax.Array) -> Curves:

@@ -332,53 +332,72 @@ def curves_arrays(curves: Mapping[str, Curves]) -> dict[str, np.ndarray]:
     return arrays
 
 
-DIFFERENCE_METHOD = ("a minus b on the same time grid; intervals: the 2.5 and 97.5 percentiles of a* - b* over "
-                     "every pair of the two estimates' bootstrap resamples (they are independent; an estimate "
-                     "without sampling error enters as its value), for D_k(t) the root sum of squares of the two "
-                     "bands' half-widths (a normal approximation)")
+DIFFERENCE_METHOD = ("a minus b on the same time grid; the two estimates are independent, and every interval is formed "
+                     "from every pair of their bootstrap resamples a*, b* (an estimate without sampling error enters "
+                     "as its value). Peak-time and half-time differences: the 2.5 and 97.5 percentiles of a* - b*. "
+                     "The largest difference of two curves (H, or D_k per class): the value there plus and minus the "
+                     "95th percentile over the pairs of max over t of |a*(t) - b*(t) - (a(t) - b(t))|, a simultaneous "
+                     "95% band over every step, valid at a step chosen by the data (a pointwise interval there is not)")
 
 
-def _half_width(ci: np.ndarray | None) -> np.ndarray | float:
-    return 0.0 if ci is None else (np.asarray(ci)[..., 1] - np.asarray(ci)[..., 0]) / 2.0
-
-
-def _resamples(c: Curves, replicates, field: str, index: int, at: int | None = None) -> np.ndarray:
-    """(R,) the bootstrap resamples of one value of curves `c` (its value alone without sampling error)."""
+def _resamples(c: Curves, replicates, field: str, index: int) -> np.ndarray:
+    """(R, ...) the bootstrap resamples of row `index` of a field of curves `c` ((1, ...) its
+    value without sampling error)."""
     if replicates is None:
         if c.entropy_bits_ci95 is not None:
             raise ValueError(f"the {c.estimator} curves have intervals but no resampling to draw them from")
-        value = getattr(c, field)[index]
-        return np.atleast_1d(np.asarray(value if at is None else value[at], np.float64))
-    value = getattr(replicates, field)[:, index]
-    return np.asarray(value if at is None else value[:, at], np.float64)
+        return np.asarray(getattr(c, field)[index], np.float64)[None]
+    value = getattr(replicates, field)
+    if value is None:
+        raise ValueError(f"the {c.estimator} curves keep no bootstrap resamples of {field}")
+    return np.asarray(value[:, index], np.float64)
 
 
 def _interval(d: float, a: np.ndarray, b: np.ndarray) -> list:
-    """The 95% percentile interval of a* - b* over every pair of resamples; [d, d] (d: the
+    """The 95% percentile interval of a* - b* over every pair of resamples (R,); [d, d] (d: the
     estimate) when neither has sampling error."""
     if a.size == 1 and b.size == 1:
         return _round([d, d])
     return _round(np.percentile(np.subtract.outer(a, b), [2.5, 97.5]).tolist())
 
 
+def simultaneous_half_width(gap: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """c such that gap(t) +- c is a simultaneous 95% band of a(t) - b(t) over every step: the 95th
+    percentile, over every pair (i, j) of resamples a* (R_a, T) and b* (R_b, T), of
+    max_t |a*_i(t) - b*_j(t) - gap(t)|; 0 when neither has sampling error."""
+    if a.shape[0] == 1 and b.shape[0] == 1:
+        return 0.0
+    if a.shape[0] > b.shape[0]:
+        a, b, gap = b, a, -gap
+    worst = np.empty((a.shape[0], b.shape[0]))
+    for i, row in enumerate(a):  # over the smaller side: (R_b, T) at a time
+        worst[i] = np.max(np.abs((row - gap)[None, :] - b), axis=1)
+    return float(np.percentile(worst, 95.0))
+
+
+def _largest_difference(prefix: str, time: np.ndarray, gap: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict:
+    at = int(np.argmax(np.abs(gap)))
+    c = simultaneous_half_width(gap, a, b)
+    return {f"max_abs_{prefix}_difference_bits": round(float(abs(gap[at])), 6),
+            f"max_abs_{prefix}_difference_time": round(float(time[at]), 6),
+            f"{prefix}_difference_bits_at_max": round(float(gap[at]), 6),
+            f"{prefix}_difference_bits_at_max_simultaneous_ci95": _round([gap[at] - c, gap[at] + c])}
+
+
 def curve_differences(a: Curves, b: Curves, index: int, index_b: int | None = None, *,
                       replicates: tuple | None = None) -> dict:
     """How row `index` of curves `a` (e.g. a network's) differs from row `index_b` (default:
     `index`) of `b` (e.g. a reference model's), for summary.json: the largest |H_a - H_b| in
-    bits, the time t/T where it is and its interval there, and the peak-time and half-time
-    differences with intervals (`DIFFERENCE_METHOD`: from the bootstrap resamples of both).
-    replicates: (`bootstrap_replicates(a)`, `bootstrap_replicates(b)`), drawn once for the
-    rows of several calls; None: drawn here."""
+    bits, the time t/T where it is and the simultaneous band there, and the peak-time and
+    half-time differences with intervals (`DIFFERENCE_METHOD`: from the bootstrap resamples of
+    both). replicates: (`bootstrap_replicates(a)`, `bootstrap_replicates(b)`), drawn once for
+    the rows of several calls; None: drawn here."""
     _check_grids(a, b)
     j = index if index_b is None else index_b
     ra, rb = (bootstrap_replicates(a), bootstrap_replicates(b)) if replicates is None else replicates
     gap = np.asarray(a.entropy_bits[index], np.float64) - np.asarray(b.entropy_bits[j], np.float64)
-    at = int(np.argmax(np.abs(gap)))
-    out = {"max_abs_entropy_difference_bits": round(float(abs(gap[at])), 6),
-           "max_abs_entropy_difference_time": round(float(a.time[at]), 6),
-           "entropy_difference_bits_at_max": round(float(gap[at]), 6),
-           "entropy_difference_bits_at_max_ci95": _interval(
-               gap[at], _resamples(a, ra, "entropy_bits", index, at), _resamples(b, rb, "entropy_bits", j, at))}
+    out = _largest_difference("entropy", a.time, gap, _resamples(a, ra, "entropy_bits", index),
+                              _resamples(b, rb, "entropy_bits", j))
     for field in ("peak_time", "half_time"):
         d = float(getattr(a, field)[index]) - float(getattr(b, field)[j])
         out[f"{field}_difference"] = round(d, 6)
@@ -386,20 +405,19 @@ def curve_differences(a: Curves, b: Curves, index: int, index_b: int | None = No
     return out
 
 
-def information_differences(a: Curves, b: Curves, class_names: Sequence[str]) -> list[dict]:
+def information_differences(a: Curves, b: Curves, class_names: Sequence[str], *,
+                            replicates: tuple | None = None) -> list[dict]:
     """Per class k, how D_k(t) of `a` differs from that of `b` (both with class_information_bits),
-    for summary.json: the largest |D_a - D_b| in bits, where, and its interval there
-    (`DIFFERENCE_METHOD`)."""
+    for summary.json: the largest |D_a - D_b| in bits, where, and the simultaneous band there
+    (`DIFFERENCE_METHOD`). replicates: as for `curve_differences`."""
     _check_grids(a, b)
+    ra, rb = (bootstrap_replicates(a), bootstrap_replicates(b)) if replicates is None else replicates
     out = []
     for k, name in enumerate(class_names):
         gap = np.asarray(a.class_information_bits[k], np.float64) - np.asarray(b.class_information_bits[k], np.float64)
-        at = int(np.argmax(np.abs(gap)))
-        band = np.hypot(_half_width(a.class_information_bits_ci95[k, at]), _half_width(b.class_information_bits_ci95[k, at]))
-        out.append({"name": str(name), "max_abs_information_difference_bits": round(float(abs(gap[at])), 6),
-                    "max_abs_information_difference_time": round(float(a.time[at]), 6),
-                    "information_difference_bits_at_max": round(float(gap[at]), 6),
-                    "information_difference_bits_at_max_ci95": _round([gap[at] - band, gap[at] + band])})
+        out.append({"name": str(name), **_largest_difference(
+            "information", a.time, gap, _resamples(a, ra, "class_information_bits", k),
+            _resamples(b, rb, "class_information_bits", k))})
     return out
 
 

@@ -321,3 +321,10 @@ def test_bootstrap_replicates_are_the_resamples_behind_the_intervals():
     np.testing.assert_allclose(np.percentile(r.half_time, q, axis=0).T, c.half_time_ci95, atol=1e-5)
     np.testing.assert_allclose(np.percentile(r.peak_time, q, axis=0).T, c.peak_time_ci95, atol=1e-5)
     assert C.bootstrap_replicates(jdi.exact_curves(mix, problems, schedule)) is None
+    assert r.class_information_bits is None  # forward Monte Carlo gives no D_k
+    for estimator in (jdi.online_curves, jdi.immse_curves):  # D_k's band, from its own resamples
+        c = estimator(mix, problems, schedule, samples_per_class=16, key=jax.random.key(4), num_resamples=40)
+        r = C.bootstrap_replicates(c)
+        assert r.class_information_bits.shape == (40, 4, 200)
+        np.testing.assert_allclose(np.moveaxis(np.percentile(r.class_information_bits, q, axis=0), 0, -1),
+                                   c.class_information_bits_ci95, atol=1e-5)
