@@ -93,10 +93,7 @@ def build_problem(spec: dict):
 
     mix = mixture.make_mixture(spec["means"], spec.get("stds"), spec.get("weights"), covs=spec.get("covs"),
                                classes=spec.get("classes"))
-    empty = np.flatnonzero(~(np.asarray(mix.class_weights) > 0))
-    if empty.size:
-        raise ValueError(f"spec weights: class {', '.join(map(str, empty))} has weight 0; give every class a weight > 0 "
-                         f"or leave it out")
+    mixture.check_class_weights(mix)
     k = mix.num_classes
     groups = spec.get("decisions")
     if groups is None:

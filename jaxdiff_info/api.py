@@ -88,17 +88,8 @@ def _time(schedule: Schedule) -> np.ndarray:
 def _mixture_problems(mixture: gmm.GaussianMixture, problems) -> ProblemArrays:
     if not isinstance(mixture, gmm.GaussianMixture):
         raise ValueError(f"this estimator needs a GaussianMixture (the exact posterior), got {type(mixture).__name__}")
-    _check_class_weights(mixture)
+    gmm.check_class_weights(mixture)
     return problem_arrays(problems, np.asarray(mixture.class_weights, np.float64))
-
-
-def _check_class_weights(mixture: gmm.GaussianMixture) -> None:
-    """ValueError, one line, for a class of weight 0: P(class | x_t) and H(class | x_t) of a
-    class that never occurs are not defined by the mixture (its p(x_t | class) is 0 / 0)."""
-    empty = np.flatnonzero(~(np.asarray(mixture.class_weights, np.float64) > 0))
-    if empty.size:
-        raise ValueError(f"class {', '.join(map(str, empty))} of the mixture has weight 0; the estimators need every "
-                         f"class to have a weight > 0 (leave the class out of the mixture)")
 
 
 def _check_resampling(samples_per_class, num_resamples, what: str = "this estimator") -> None:
@@ -223,7 +214,7 @@ def online_curves(
     shift = None
     state_log_posterior = None
     if isinstance(model, gmm.GaussianMixture):
-        _check_class_weights(model)
+        gmm.check_class_weights(model)
         mix, shift = gmm.centred(model)  # H is unchanged by the move; float32 is not
         _check_float32_range(mix, schedule, sampler)
         eps, params, shape = gmm.eps_fn(schedule, with_null=with_null), mix, (model.dim,)
@@ -299,7 +290,7 @@ def online_curves(
     # D_k(t) = E_k[log P(k | x_t)] - log pi_k, in bits
     log_pi = np.asarray(log_prior, np.float64)
     gain = (np.asarray(own_sums, np.float64) - log_pi[None, :, None] * blocks.counts[None]) / math.log(2.0)
-    return _with_class_information(curves, jax.random.fold_in(boot_key, 1), gain)
+    return _with_class_information(curves, gain)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,16 +327,15 @@ class _StatePosterior:
         return jax.vmap(gmm.log_posterior, (None, 0, None))(mixture, x, alpha_bar)
 
 
-def _with_class_information(curves: Curves, key: jax.Array, block_sums: np.ndarray) -> Curves:
-    """`curves` with D_k(t) and its band (`class_information`) from (T, K, B) block sums in bits
-    over the blocks of `curves.resampling`; the sums and key are kept there, so that the band's
-    resamples can be drawn again (`curves.bootstrap_replicates`)."""
+def _with_class_information(curves: Curves, block_sums: np.ndarray) -> Curves:
+    """`curves` with D_k(t) and its band (`class_information`, key `Resampling.information_key`)
+    from (T, K, B) block sums in bits over the blocks of `curves.resampling`, where the sums are
+    kept so that the band's resamples can be drawn again (`curves.bootstrap_replicates`)."""
     rs = curves.resampling
     block_sums = np.asarray(block_sums, np.float32)
-    mean, band = class_information(key, block_sums, rs.block_counts, rs.num_resamples)
+    mean, band = class_information(rs.information_key, block_sums, rs.block_counts, rs.num_resamples)
     return dataclasses.replace(curves, class_information_bits=mean, class_information_bits_ci95=band,
-                               resampling=dataclasses.replace(rs, information_block_sums=block_sums,
-                                                              information_key=key))
+                               resampling=dataclasses.replace(rs, information_block_sums=block_sums))
 
 
 def class_information(key: jax.Array, block_sums: np.ndarray, block_counts: np.ndarray,
@@ -449,7 +439,7 @@ def immse_curves(model: Model, problems: Sequence[DecisionProblem] | None, sched
         method=f"I-MMSE: H(Z) - int_0^gamma_t 1/2 E||E[x_0 | x_t, z] - E[x_0 | x_t]||^2 d gamma with {denoisers}; "
                f"{draws}; trapezoid rule in log-SNR over the steps, from gamma = 0")
     posterior = STATE_NETWORK_DENOISERS if network else STATE_EXACT_DENOISERS
-    return _with_class_information(dataclasses.replace(curves, posterior=posterior), jax.random.fold_in(boot_key, 1),
+    return _with_class_information(dataclasses.replace(curves, posterior=posterior),
                                   np.asarray(label_sums) / math.log(2.0))
 
 

@@ -370,7 +370,7 @@ class Resampling:
     """What a Monte Carlo estimator's intervals were drawn from: block_sums (T, K, B, P) of
     h(P(z | x_t)), block_counts (K, B), the bootstrap key, the number of resamples and the
     problems' (P, K) class weights; for the per-class information D_k (class_information_bits),
-    its (T, K, B) block sums in bits and the key of its band (None without it)."""
+    its (T, K, B) block sums in bits (None without it)."""
 
     block_sums: np.ndarray
     block_counts: np.ndarray
@@ -378,7 +378,11 @@ class Resampling:
     num_resamples: int
     class_weights: np.ndarray
     information_block_sums: np.ndarray | None = None
-    information_key: Any = None
+
+    @property
+    def information_key(self) -> jax.Array:
+        """The key of D_k's band, derived from the curves' bootstrap key."""
+        return jax.random.fold_in(self.key, 1)
 
 
 @dataclasses.dataclass(frozen=True)

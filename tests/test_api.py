@@ -118,7 +118,7 @@ ESTIMATORS = {
 def test_a_class_of_weight_zero_is_refused_not_a_nan(estimator):
     """P(class | x_t) of a class that never occurs is 0 / 0; before this check the exact and
     I-MMSE estimators returned NaN curves (and a peak at the first step) for such a mixture."""
-    with pytest.raises(ValueError, match="class 1 of the mixture has weight 0"):
+    with pytest.raises(ValueError, match="class 1 has weight 0 in the mixture"):
         ESTIMATORS[estimator](ZERO_WEIGHT, samples_per_class=8)
 
 

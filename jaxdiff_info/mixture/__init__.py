@@ -31,7 +31,8 @@ from jaxdiff_info.mixture.closed_form import (
     score,
     squared_distances,
 )
-from jaxdiff_info.mixture.model import GaussianMixture, centred, class_layout, make_mixture, permute
+from jaxdiff_info.mixture.model import (GaussianMixture, centred, check_class_weights, class_layout, make_mixture,
+                                        permute)
 from jaxdiff_info.mixture.network import eps_fn
 from jaxdiff_info.mixture.sampling import (
     sample_classes,

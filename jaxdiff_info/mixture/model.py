@@ -102,6 +102,15 @@ class GaussianMixture:
         return bool(np.all(spread == 0))
 
 
+def check_class_weights(mixture: GaussianMixture) -> None:
+    """ValueError, one line, for a class of weight 0: P(class | x_t) and H(class | x_t) of a
+    class that never occurs are not defined by the mixture (its p(x_t | class) is 0 / 0)."""
+    empty = np.flatnonzero(~(np.asarray(mixture.class_weights, np.float64) > 0))
+    if empty.size:
+        raise ValueError(f"class {', '.join(map(str, empty))} has weight 0 in the mixture; the estimators need every "
+                         f"class to have a weight > 0 (leave the class out of the mixture)")
+
+
 def class_layout(mixture: GaussianMixture) -> tuple[np.ndarray, np.ndarray]:
     """(C, L) component index of member l of class c, and whether that slot is a member
     (classes padded to the largest, L): every per-class sum is then a batched product."""
