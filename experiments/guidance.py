@@ -2,7 +2,7 @@
 prompting and the exact answer.
 
     python -m experiments.guidance                             # the paper's points, without 6
-    python -m experiments.guidance --spec mixture.json --remove 0,2
+    python -m experiments.guidance --spec experiments/specs/square_2d.json --remove 0,2
     python -m experiments.guidance --checkpoint checkpoints/tiny-digits --remove 1   # a trained model
     python -m experiments.guidance decisions --weights 0,0.5,1,2,4    # how CFG moves the decisions
 
@@ -304,7 +304,9 @@ def model_spec(p: Parser, a) -> dict | None:
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
-    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
+               epilog=f"{PROG} decisions [...] runs the online classifier along classifier-free guided "
+                      f"trajectories and reports how guidance moves each decision ({PROG} decisions --help)")
     p.add_argument("--spec", type=str, default=None,
                    help="mixture JSON, as for python -m experiments.gmm (default: the paper's points at -8, -4, 6, 8)")
     p.add_argument("--checkpoint", type=Path, default=None,
@@ -397,8 +399,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print_summary(summary)
         return 0
-    print(f"  without {', '.join(summary['removed']['names'])}; distance floor {summary['distance_floor']:.4g} "
-          f"({summary['metrics']['distance_to_target'].split(' to ')[0]})")
+    lo, hi = summary["distance_floor_ci95"]
+    print(f"  without {', '.join(summary['removed']['names'])}; distance: {summary['metrics']['distance_to_target']}")
+    print(f"  exact draws of the same size give {summary['distance_floor']:.4g} (95% range {lo:.4g} to {hi:.4g}): "
+          f"a distance in that range cannot be told from exact sampling"
+          + (", and the estimate, unbiased, can fall below 0" if lo < 0 else ""))
     for e in summary["results"]:
         label = e["method"] if e["scale"] is None else f"{e['method']} {e['scale']:g}"
         print(f"  {label:<20s} forbidden {e['forbidden_fraction']:.4f}  KL {e['kl_to_target_bits']:.4f} bits  "

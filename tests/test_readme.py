@@ -16,9 +16,14 @@ README = (REPO / "README.md").read_text()
 EXACT_PEAKS = {"all four": 0.573, "{-8,-4} vs {6,8}": 0.590, "6 vs 8": 0.199}
 
 
+def research_examples() -> list[str]:
+    """The python blocks of "From research code", in order; each later one continues the first."""
+    section = README.split("## From research code", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
 def research_example() -> str:
-    section = README.split("## From research code", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return research_examples()[0]
 
 
 def test_research_code_example_runs_and_prints_the_exact_peak_times(tmp_path):
@@ -41,6 +46,57 @@ def test_research_code_example_runs_and_prints_the_exact_peak_times(tmp_path):
         assert exact == pytest.approx(peak, abs=0.0021), name
         assert abs(fmc - peak) < 0.05 and abs(online - peak) < 0.05, name
         assert lo <= online <= hi
+
+
+def test_the_network_example_runs_on_a_checkpoint(monkeypatch, capsys):
+    """The second example as written, on an untrained micro U-Net of the digits' shape standing
+    in for the checkpoint (load_checkpoint itself is tested in test_training.py)."""
+    import jax
+
+    from jaxdiff_info import training, unet
+
+    first, network_example = research_examples()[:2]
+    assert 'load_checkpoint("checkpoints/tiny-digits")' in network_example
+    config = unet.UNetConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
+                             num_classes=10, image_size=8, channels=1, num_groups=4)
+    model = training.LoadedModel(config=config, config_name="micro", params=unet.init_params(config, jax.random.key(0)),
+                                 step=0, dataset="digits", num_train_steps=1, class_names=tuple("0123456789"),
+                                 decision_problems={})
+    monkeypatch.setattr(training, "load_checkpoint", lambda directory: model)
+    setup = first.split("schedule = ", 1)[0]  # the imports of the first example
+    exec(setup + network_example, {})
+    printed = capsys.readouterr().out
+    assert "online classifier" in printed and "posterior: state (DDPM approximation)" in printed
+    peak = float(re.search(r"peak t/T: \[([\d.]+)\]", printed).group(1))
+    assert 0 < peak <= 1
+
+
+def test_the_reference_example_runs_and_its_two_estimators_agree(tmp_path):
+    """The third example as written (digits, exact Gaussian reference): online and forward Monte
+    Carlo half-entropy times agree on every problem, as the README says, and the lines it shows
+    are lines it prints."""
+    first, _, reference_example = research_examples()[:3]
+    code = first.split("exact = ", 1)[0] + reference_example  # the first example's imports and schedule
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = re.findall(r"^(.+?) +half of H resolved at t/T: online ([\d.]+), forward MC ([\d.]+)$", r.stdout, re.M)
+    assert len(rows) == 15  # the digits' five pairs and ten one-vs-rest problems
+    assert max(abs(float(a) - float(b)) for _, a, b in rows) <= 0.02
+    section = README.split("## From research code", 1)[1]
+    shown = re.search(r"```\n(1 vs 8 .*?)```", section, re.S).group(1)
+    printed = {name.strip(): (float(a), float(b)) for name, a, b in rows}
+    for line in shown.splitlines():
+        if line != "...":  # numbers to the rounding of the last digit
+            name, a, b = re.match(r"(.+?) +half of H resolved at t/T: online ([\d.]+), forward MC ([\d.]+)$",
+                                  line).groups()
+            assert printed[name] == pytest.approx((float(a), float(b)), abs=0.0015), line
+
+
+def test_every_spec_file_the_readme_runs_is_in_the_repository():
+    specs = set(re.findall(r"--spec ([\w./-]+\.json)", README)) - {"FILE.json"}
+    assert specs, "the README runs no --spec file"
+    for spec in specs:
+        assert (REPO / spec).is_file(), f"README runs --spec {spec}, which the repository does not have"
 
 
 def _links(text: str) -> list[str]:
