@@ -222,7 +222,8 @@ def run(config: Config) -> dict:
             "entropy_rate.png": plots.curves_figure(curves, "entropy_rate", title),
             "entropy.png": plots.curves_figure(curves, "entropy_bits", title),
             "posterior_paths.png": plots.posterior_paths_figure(time_grid, run.path_log_posterior, path_classes,
-                                                                run.mean_posterior, class_names, config.num_samples),
+                                                                run.mean_posterior, class_names, config.num_samples,
+                                                                title, curves["online"].posterior),
             "density.png": _density_figure(mix, schedule, time_grid, paths_x, path_classes),
         }
         for name, fig in figures.items():

@@ -37,19 +37,44 @@ RATE_LABEL = "dH/d(t/T)  [bits per unit t/T]"
 ENTROPY_LABEL = "H(Z | X_t)  [bits]"
 
 
+def posterior_line(curves: Mapping[str, Curves]) -> str:
+    """One line saying which posterior each estimator's entropies are of (`Curves.posterior`),
+    estimators of the same posterior together, as a figure's title says it."""
+    by_posterior: dict[str, list[str]] = {}
+    for name, c in curves.items():
+        by_posterior.setdefault(c.posterior, []).append(STYLE.get(name, {}).get("label", name))
+    return "posterior: " + "; ".join(f"{', '.join(names)}: {p}" for p, names in by_posterior.items())
+
+
+def _full_title(title: str | None, curves: Mapping[str, Curves]) -> str:
+    return posterior_line(curves) if not title else f"{title}\n{posterior_line(curves)}"
+
+
+def _clip_note(ax, lines: Sequence[tuple[str, np.ndarray]], top: float) -> None:
+    """Limit the panel's y axis to `top` and say which curves leave it, and how far."""
+    ax.set_ylim(top=top)
+    off = [f"{label} leaves the axis (max {np.nanmax(y):.3g})" for label, y in lines if np.nanmax(y) > top]
+    if off:
+        ax.text(0.02, 0.97, "\n".join(off), transform=ax.transAxes, va="top", ha="left", fontsize=6,
+                color="dimgrey")
+
+
 def curves_figure(curves: Mapping[str, Curves], field: str, title: str | None = None,
-                  select: Sequence[int] | None = None):
+                  select: Sequence[int] | None = None, scale_by: Sequence[str] | None = None):
     """One panel per decision problem (named as in the summary), every estimator overlaid
     with its 95% bootstrap band. field "entropy_rate": each estimator's peak time marked,
     with its 95% interval; field "entropy_bits": the prior H(Z) as a line. title: a line
-    naming the mixture or model, the sampler and the number of trajectories. select: the
-    problems to show, by index (default all)."""
+    naming the mixture or model, the sampler and the number of trajectories; a line naming
+    each estimator's posterior follows it. select: the problems to show, by index (default
+    all). scale_by: the estimators whose curves set the y axis (default all); a curve of
+    another that leaves it is named in the panel with its largest value."""
     first = next(iter(curves.values()))
     select = list(range(len(first.problems))) if select is None else list(select)
     fig, axes = _grid(len(select))
     rate = field == "entropy_rate"
     for i, ax in zip(select, axes):
         problem = first.problems[i]
+        scaled, others = [], []
         for name, c in curves.items():
             if problem.name not in c.names:  # an estimator of some of the problems only (I-MMSE of a network)
                 continue
@@ -57,6 +82,7 @@ def curves_figure(curves: Mapping[str, Curves], field: str, title: str | None = 
             style = {**STYLE.get(name, dict(label=name))}
             color = style.get("color")
             ax.plot(c.time, getattr(c, field)[i], **style)
+            (scaled if scale_by is None or name in scale_by else others).append((style["label"], getattr(c, field)[i]))
             band = getattr(c, f"{field}_ci95")
             if band is not None:
                 ax.fill_between(c.time, band[i, :, 0], band[i, :, 1], color=color, alpha=0.2, lw=0,
@@ -70,27 +96,32 @@ def curves_figure(curves: Mapping[str, Curves], field: str, title: str | None = 
                     ax.axvspan(lo, hi, ymin=0.0, ymax=0.04, color=color, alpha=0.6, lw=0)
         if not rate:
             ax.axhline(first.prior_entropy_bits[i], color="grey", lw=0.8, ls="-.", label="prior H(Z)")
+        if others:
+            low, high = min(np.nanmin(y) for _, y in scaled), max(np.nanmax(y) for _, y in scaled)
+            ax.set_ylim(bottom=min(0.0, low) - 0.05 * (high - low))
+            _clip_note(ax, others, high + 0.1 * (high - min(0.0, low)))
         ax.set_title(problem.name, fontsize=10)
         ax.grid(alpha=0.3)
     for ax in axes:
         ax.set_xlabel(TIME_LABEL, fontsize=8)
         ax.set_ylabel(RATE_LABEL if rate else ENTROPY_LABEL, fontsize=8)
     handles, labels = axes[0].get_legend_handles_labels()
-    if title:
-        fig.suptitle(title, fontsize=9)
+    fig.suptitle(_full_title(title, curves), fontsize=9)
     fig.tight_layout(rect=(0, 0.1 if len(labels) > 4 else 0.06, 1, 1))
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=7, frameon=False)
     return fig
 
 
 def posterior_paths_figure(time: np.ndarray, log_posterior: np.ndarray, path_classes: np.ndarray,
-                           mean_posterior: np.ndarray, class_names: Sequence[str], per_class: int | None = None):
+                           mean_posterior: np.ndarray, class_names: Sequence[str], per_class: int | None = None,
+                           title: str | None = None, posterior: str | None = None):
     """One panel per generating class: P(k | x_t) of that class along a few single
     trajectories (thin) and averaged over all of its trajectories (thick), for every k.
 
     log_posterior (T, M, K) for M recorded paths of classes path_classes (M,);
     mean_posterior (T, K, K): average P(k | x_t) over trajectories of class c, [t, c, k];
-    per_class: the number of trajectories of each class behind the means.
+    per_class: the number of trajectories of each class behind the means; title: what was
+    generated how; posterior: which posterior the tracked P(k | ...) is (`Curves.posterior`).
     """
     K = mean_posterior.shape[1]
     colors = plt.get_cmap("tab10" if K <= 10 else "tab20")
@@ -112,6 +143,10 @@ def posterior_paths_figure(time: np.ndarray, log_posterior: np.ndarray, path_cla
     labels += ["thin: single trajectories", f"thick: {mean_of} of the class"]
     axes[-1].legend(handles, labels, fontsize=6, title="class k", title_fontsize=7, loc="upper left",
                     bbox_to_anchor=(1.02, 1.0))
+    heading = "P(k | x_t, ..., x_T) of the online classifier along generated trajectories"
+    if posterior:
+        heading += f"; posterior: {posterior}"
+    fig.suptitle(heading if not title else f"{title}\n{heading}", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -165,21 +200,30 @@ def class_curves_figure(class_curves: Curves, title: str | None = None):
 
 
 def class_information_figure(curves: Mapping[str, Curves], class_names: Sequence[str], title: str | None = None,
-                             labels: Mapping[str, str] | None = None):
+                             labels: Mapping[str, str] | None = None, log_prior: np.ndarray | None = None):
     """D_k(t) = KL(p(x_t | k) || p(x_t)) in bits, one panel per class, every estimator that
     gives it (class_information_bits) overlaid with its 95% bootstrap band: where the online
     classifier and I-MMSE meet on the same per-class quantity. labels: legend text by
-    estimator (default: STYLE's)."""
+    estimator (default: STYLE's). log_prior: (K,) log pi_k; draws the bound
+    D_k <= -log2 pi_k, which holds for a model consistent with its classes, and limits the y
+    axis to just above it (a curve beyond it is named in the panel with its largest value)."""
     curves = {n: c for n, c in curves.items() if c.class_information_bits is not None}
     fig, axes = _grid(len(class_names), width=3.3, height=2.4)
     for k, (ax, name) in enumerate(zip(axes, class_names)):
+        lines = []
         for est, c in curves.items():
             style = {**STYLE.get(est, dict(label=est))}
             if labels and est in labels:
                 style["label"] = labels[est]
             ax.plot(c.time, c.class_information_bits[k], **style)
+            lines.append((style["label"], c.class_information_bits[k]))
             if c.class_information_bits_ci95 is not None:
                 ax.fill_between(c.time, *c.class_information_bits_ci95[k].T, color=style.get("color"), alpha=0.18, lw=0)
+        if log_prior is not None:
+            bound = -float(log_prior[k]) / math.log(2.0)
+            ax.axhline(bound, color="grey", lw=0.8, ls="-.", label="bound -log2 pi_k")
+            ax.set_ylim(bottom=-0.1 * bound)
+            _clip_note(ax, lines, 1.2 * bound)
         ax.set_title(f"class {name}", fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
@@ -187,8 +231,7 @@ def class_information_figure(curves: Mapping[str, Curves], class_names: Sequence
         ax.set_ylabel("D_k = KL(p(x_t|k) || p(x_t))  [bits]", fontsize=7)
     for ax in axes[-4:]:
         ax.set_xlabel("t/T  (generation: 1 -> 0)", fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
+    fig.suptitle(_full_title(title, curves), fontsize=9)
     handles, texts = axes[0].get_legend_handles_labels()
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.legend(handles, texts, loc="lower center", ncol=min(len(texts), 3), fontsize=7, frameon=False,
@@ -243,9 +286,11 @@ def reference_overlay_figure(label: Mapping[str, Curves], classes: Mapping[str, 
     return fig
 
 
-def posterior_heatmap_figure(time: np.ndarray, mean_posterior: np.ndarray, class_names: Sequence[str]):
+def posterior_heatmap_figure(time: np.ndarray, mean_posterior: np.ndarray, class_names: Sequence[str],
+                             title: str | None = None, posterior: str | None = None):
     """For each generating class, the average P(k | x_t) over its trajectories as a heat map
-    (classes k down, normalised time across). mean_posterior: (T, C, K)."""
+    (classes k up the side, normalised time across). mean_posterior: (T, C, K); title: what
+    was generated how; posterior: which posterior the tracked P(k | ...) is."""
     C, K = mean_posterior.shape[1:]
     cols = min(C, 4)
     fig, axes = _grid(C, width=3.2, height=2.4)
@@ -256,11 +301,17 @@ def posterior_heatmap_figure(time: np.ndarray, mean_posterior: np.ndarray, class
         ax.set_yticks(range(K))
         # class names on the first column only, the time axis under the lowest panels only
         ax.set_yticklabels(class_names if c % cols == 0 else [], fontsize=6)
+        if c % cols == 0:
+            ax.set_ylabel("class k", fontsize=8)
         ax.set_title(f"generated from {class_names[c]}" if C == K else "unconditional", fontsize=9)
         if c + cols >= C:
-            ax.set_xlabel("t/T")
+            ax.set_xlabel("t/T  (generation: 1 -> 0)", fontsize=8)
             ax.tick_params(labelbottom=True)
-    fig.colorbar(im, ax=list(axes), shrink=0.8, label="mean P(k | x_t)")
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label="mean P(k | x_t, ..., x_T) over the trajectories")
+    heading = "mean posterior of the online classifier over the trajectories of each generating class"
+    if posterior:
+        heading += f"; posterior: {posterior}"
+    fig.suptitle(heading if not title else f"{title}\n{heading}", fontsize=9)
     return fig
 
 

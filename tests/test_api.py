@@ -151,7 +151,11 @@ def test_rate_figure_says_its_units_direction_bands_and_peaks(three):
     fig = plots.curves_figure({"exact": exact, "forward_mc": fmc, "online": online}, "entropy_rate", "a title")
     ax = fig.axes[0]
     assert "bits per unit t/T" in ax.get_ylabel() and "from t/T = 1 to 0" in ax.get_xlabel()
-    assert ax.get_title() == "all classes" and fig._suptitle.get_text() == "a title"
+    title, posterior = fig._suptitle.get_text().split("\n")
+    assert ax.get_title() == "all classes" and title == "a title"
+    # which posterior each estimator's curve is of, estimators of the same posterior together
+    assert posterior == (f"posterior: exact (quadrature), forward Monte Carlo: {exact.posterior}; "
+                         f"online classifier: {online.posterior}")
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "online classifier: 95% bootstrap band" in labels
     assert "online classifier: peak t/T and its 95% CI" in labels and "exact (quadrature): peak t/T" in labels
@@ -163,6 +167,43 @@ def test_rate_figure_says_its_units_direction_bands_and_peaks(three):
     assert prior_lines and prior_lines[0].get_ydata()[0] == pytest.approx(exact.prior_entropy_bits[1])
     plots.plt.close(fig)
     plots.plt.close(entropy)
+
+
+def test_a_curve_that_leaves_the_scale_of_the_others_is_named_with_its_largest_value(three):
+    import dataclasses
+
+    exact, fmc, online = three
+    wild = dataclasses.replace(fmc, entropy_rate=fmc.entropy_rate * 50.0)
+    fig = plots.curves_figure({"exact": exact, "online": online, "forward_mc": wild}, "entropy_rate",
+                              scale_by=("exact", "online"))
+    for i, ax in enumerate(fig.axes[:len(exact.problems)]):
+        top = max(exact.entropy_rate[i].max(), online.entropy_rate[i].max())
+        assert top < ax.get_ylim()[1] < 1.2 * top
+        notes = [t.get_text() for t in ax.texts]
+        assert notes == [f"forward Monte Carlo leaves the axis (max {wild.entropy_rate[i].max():.3g})"]
+    plots.plt.close(fig)
+    everything = plots.curves_figure({"exact": exact, "forward_mc": wild}, "entropy_rate")  # default: all set the scale
+    assert everything.axes[0].get_ylim()[1] >= wild.entropy_rate[0].max() and not everything.axes[0].texts
+    plots.plt.close(everything)
+
+
+def test_class_information_figure_draws_the_bound_and_names_a_curve_beyond_it():
+    import dataclasses
+
+    online = jdi.online_curves(MIX, PROBLEMS, SCHEDULE, samples_per_class=64, key=jax.random.key(0))
+    immse = jdi.immse_curves(MIX, PROBLEMS, SCHEDULE, samples_per_class=64, key=jax.random.key(1))
+    beyond = dataclasses.replace(immse, class_information_bits=immse.class_information_bits * 3.0)
+    log_prior = np.log(np.asarray(MIX.weights))
+    fig = plots.class_information_figure({"online": online, "immse": beyond}, ["a", "b", "c"], "D_k",
+                                         log_prior=log_prior)
+    for k, ax in enumerate(fig.axes[:3]):
+        bound = -log_prior[k] / np.log(2.0)
+        assert [line.get_ydata()[0] for line in ax.get_lines() if line.get_label() == "bound -log2 pi_k"] == \
+            pytest.approx([bound])
+        assert ax.get_ylim()[1] == pytest.approx(1.2 * bound)
+        assert any("I-MMSE (denoising errors) leaves the axis" in t.get_text() for t in ax.texts)
+    assert "posterior: online classifier: " in fig._suptitle.get_text()
+    plots.plt.close(fig)
 
 
 def test_the_compilation_cache_keeps_programs_in_the_folder_given(tmp_path):

@@ -40,7 +40,8 @@ def test_writes_every_output(checkpoint, tmp_path, capsys):
     assert len(summary["classes"]) == 10 and summary["classes"][0]["name"] == "warm-disk"
     assert summary["schedule"] == {"steps": 4, "train_steps": 1000} and summary["weights"] == "ema"
     assert "x_0 prediction clipped to +-1" in summary["sampler"]  # Ho et al.'s clip, on by default
-    assert summary["posterior"] == {"online": "state (DDPM approximation)"}
+    assert summary["posterior"] == {"online": "state (DDPM approximation)", "immse": "state (network denoisers)",
+                                    "immse_model": "state (network denoisers)"}  # of every estimator
     assert "sigma_t^2 = beta_t" in summary["posterior_note"] and "state posterior" in summary["posterior_note"]
     for p in summary["problems"]:
         assert len(p["time"]) == 4 and np.all(np.isfinite(p["entropy_rate"]["online"]))

@@ -50,7 +50,7 @@ def write_outputs(out: Path, result, settings: dict, extra: dict | None = None) 
 
     curves = result.estimators()
     class_names = list(result.class_names)
-    summary = {**settings, "sampler": result.sampler, "class_names": class_names, "estimators": list(curves),
+    summary = {**settings, "posterior": {name: c.posterior for name, c in curves.items()}, "sampler": result.sampler, "class_names": class_names, "estimators": list(curves),
                "methods": results.methods(curves),
                "problems": [results.problem_summary(i, curves) for i in range(len(result.curves.problems))]}
     cross = immse_differences(result)
@@ -85,15 +85,19 @@ def write_outputs(out: Path, result, settings: dict, extra: dict | None = None) 
     n = settings.get("num_samples_per_class")
     title = (f"{settings.get('model', 'model')}; {result.sampler}; {settings.get('generation', '')} generation, "
              f"{n} trajectories per class, {len(result.time)} steps")
+    # a network's I-MMSE can leave every scale where its denoisers are inconsistent: the axes follow the others
+    consistent = [name for name, c in curves.items() if c.posterior != "state (network denoisers)"]
     figures = {
-        "entropy_rate.png": plots.curves_figure(curves, "entropy_rate", title),
-        "posterior_heatmap.png": plots.posterior_heatmap_figure(result.time, result.mean_posterior, class_names),
+        "entropy_rate.png": plots.curves_figure(curves, "entropy_rate", title, scale_by=consistent),
+        "posterior_heatmap.png": plots.posterior_heatmap_figure(result.time, result.mean_posterior, class_names,
+                                                                title, result.posterior),
         "posterior_paths.png": plots.snapshot_paths_figure(
             result.time, result.paths, result.path_classes, result.snapshots, class_names, num_train),
     }
     if "immse" in summary:
         figures["class_information.png"] = plots.class_information_figure(
-            curves, class_names, f"information about the class per class, online classifier against I-MMSE; {title}")
+            curves, class_names, f"information about the class per class, online classifier against I-MMSE; {title}",
+            log_prior=result.log_prior)
     if result.class_curves is not None:
         figures["class_entropy_rate.png"] = plots.class_curves_figure(result.class_curves, title)
     else:  # unconditional: the class label's curve only
