@@ -50,6 +50,29 @@ def _full_title(title: str | None, curves: Mapping[str, Curves]) -> str:
     return posterior_line(curves) if not title else f"{title}\n{posterior_line(curves)}"
 
 
+def _suptitle(fig, text: str | None, fontsize: float = 9) -> None:
+    """The figure's title, each line wrapped to the figure's width."""
+    if not text:
+        return
+    import textwrap
+
+    chars = max(40, int(fig.get_figwidth() * 72 / (0.55 * fontsize)))
+    fig.suptitle("\n".join(textwrap.fill(line, chars) for line in text.split("\n")), fontsize=fontsize)
+
+
+def _legend_below(fig, handles, labels, ncol: int, **kwargs) -> None:
+    """A legend centred under the panels: the figure grows by the legend's and the title's
+    height, so that the panels keep theirs, and the panels are laid out above the legend."""
+    legend = fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False, **kwargs)
+    fig.canvas.draw()
+    legend_in = legend.get_window_extent().height / fig.dpi + 0.08
+    title = fig._suptitle
+    title_in = title.get_window_extent().height / fig.dpi + 0.1 if title is not None else 0.0
+    height = fig.get_figheight() + legend_in + title_in
+    fig.set_figheight(height)
+    fig.tight_layout(rect=(0, legend_in / height, 1, 1))
+
+
 def _clip_note(ax, lines: Sequence[tuple[str, np.ndarray]], top: float) -> None:
     """Limit the panel's y axis to `top` and say which curves leave it, and how far."""
     ax.set_ylim(top=top)
@@ -106,9 +129,8 @@ def curves_figure(curves: Mapping[str, Curves], field: str, title: str | None = 
         ax.set_xlabel(TIME_LABEL, fontsize=8)
         ax.set_ylabel(RATE_LABEL if rate else ENTROPY_LABEL, fontsize=8)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.suptitle(_full_title(title, curves), fontsize=9)
-    fig.tight_layout(rect=(0, 0.1 if len(labels) > 4 else 0.06, 1, 1))
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=7, frameon=False)
+    _suptitle(fig, _full_title(title, curves))
+    _legend_below(fig, handles, labels, ncol=min(len(labels), 4 if len(axes) > 2 else len(axes)))
     return fig
 
 
@@ -146,7 +168,7 @@ def posterior_paths_figure(time: np.ndarray, log_posterior: np.ndarray, path_cla
     heading = "P(k | x_t, ..., x_T) of the online classifier along generated trajectories"
     if posterior:
         heading += f"; posterior: {posterior}"
-    fig.suptitle(heading if not title else f"{title}\n{heading}", fontsize=9)
+    _suptitle(fig, heading if not title else f"{title}\n{heading}")
     fig.tight_layout()
     return fig
 
@@ -193,8 +215,7 @@ def class_curves_figure(class_curves: Curves, title: str | None = None):
         ax.grid(alpha=0.3)
     a0.legend(fontsize=6, ncol=2, title="shaded: 95% bootstrap bands", title_fontsize=6)
     a1.legend(fontsize=6, ncol=2)
-    if title:
-        fig.suptitle(title, fontsize=9)
+    _suptitle(fig, _full_title(title, {"online": class_curves}))
     fig.tight_layout()
     return fig
 
@@ -231,11 +252,9 @@ def class_information_figure(curves: Mapping[str, Curves], class_names: Sequence
         ax.set_ylabel("D_k = KL(p(x_t|k) || p(x_t))  [bits]", fontsize=7)
     for ax in axes[-4:]:
         ax.set_xlabel("t/T  (generation: 1 -> 0)", fontsize=7)
-    fig.suptitle(_full_title(title, curves), fontsize=9)
+    _suptitle(fig, _full_title(title, curves))
     handles, texts = axes[0].get_legend_handles_labels()
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.legend(handles, texts, loc="lower center", ncol=min(len(texts), 3), fontsize=7, frameon=False,
-               title="shaded: 95% bootstrap bands", title_fontsize=7)
+    _legend_below(fig, handles, texts, ncol=min(len(texts), 3), title="shaded: 95% bootstrap bands", title_fontsize=7)
     return fig
 
 
@@ -272,17 +291,10 @@ def reference_overlay_figure(label: Mapping[str, Curves], classes: Mapping[str, 
     axes[0].set_ylabel("H(Y | X_t)  [bits]", fontsize=8)
     for ax in axes[-4:]:
         ax.set_xlabel("t/T  (generation: 1 -> 0)", fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
+    _suptitle(fig, title)
     handles, labels = axes[0].get_legend_handles_labels()
     note = "shaded: 95% bootstrap bands; dotted: peak of the rate"
-    if len(axes) % 4:  # into the empty panels of the last row
-        fig.tight_layout()
-        fig.legend(handles, labels, loc="lower right", bbox_to_anchor=(0.99, 0.04), fontsize=7, title=note,
-                   title_fontsize=7)
-    else:  # below the panels
-        fig.tight_layout(rect=(0, 0.1, 1, 1))
-        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7, title=note, title_fontsize=7)
+    _legend_below(fig, handles, labels, ncol=min(len(labels), 2), title=note, title_fontsize=7)
     return fig
 
 
@@ -311,7 +323,7 @@ def posterior_heatmap_figure(time: np.ndarray, mean_posterior: np.ndarray, class
     heading = "mean posterior of the online classifier over the trajectories of each generating class"
     if posterior:
         heading += f"; posterior: {posterior}"
-    fig.suptitle(heading if not title else f"{title}\n{heading}", fontsize=9)
+    _suptitle(fig, heading if not title else f"{title}\n{heading}")
     return fig
 
 
