@@ -57,7 +57,8 @@ def density_figure(mix, mask, samples, names):
 def samples_figure(samples: Mapping[str, np.ndarray], forbidden: Mapping[str, np.ndarray], removed_names,
                    columns: int = 8, rows: int = 4):
     """Per method a grid of its first rows x columns image samples (N, H, W, C) in [-1, 1], a
-    red frame on those the judge labels as a removed class (forbidden: (N,) bool)."""
+    red frame on those the judge labels as a removed class (forbidden: (N,) bool); each title
+    counts them among the samples shown and among all of the method's samples."""
     keys = list(samples)
     fig, axes = plt.subplots(1, len(keys), figsize=(2.3 * len(keys) * columns / rows * 0.55 + 0.5, 2.6),
                              squeeze=False)
@@ -71,12 +72,14 @@ def samples_figure(samples: Mapping[str, np.ndarray], forbidden: Mapping[str, np
             tile[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = x[i]
         ax.imshow(tile[..., 0] if c == 1 else tile, cmap="gray" if c == 1 else None, vmin=0, vmax=1,
                   interpolation="nearest")
-        flags = np.asarray(forbidden.get(key, np.zeros(n, bool)))[:n]
+        every = np.asarray(forbidden.get(key, np.zeros(len(samples[key]), bool)))
+        flags = every[:n]
         for i in np.flatnonzero(flags):
             r, q = divmod(int(i), columns)
             ax.add_patch(plt.Rectangle((q * (w + pad) + pad - 1, r * (h + pad) + pad - 1), w + 1, h + 1,
                                        fill=False, edgecolor="red", lw=1.0))
-        ax.set_title(f"{key} ({int(flags.sum())} of {n} judged removed)", fontsize=8)
+        ax.set_title(f"{key}: {int(flags.sum())} of these {n} judged removed\n"
+                     f"({int(every.sum())} of all {every.size}, {every.mean():.1%})", fontsize=8)
         ax.axis("off")
     fig.suptitle(f"samples without {', '.join(removed_names)}; red frame: judged a removed class", fontsize=9)
     fig.tight_layout()

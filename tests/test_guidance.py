@@ -284,3 +284,16 @@ def test_a_prior_over_components_instead_of_classes_is_refused():
     with pytest.raises(ValueError, match="class_log_weights"):
         G.sample(gmm.eps_fn(schedule), mix, schedule, jdi.Sampler(), jax.random.key(0), [1], num=4, shape=(2,),
                  log_prior=mix.log_weights)
+
+
+def test_samples_figure_counts_the_judged_removed_among_the_shown_and_among_all():
+    from jaxdiff_info import guidance_plots
+
+    images = np.zeros((40, 8, 8, 1))
+    forbidden = np.zeros(40, bool)
+    forbidden[[1, 5, 35, 36, 39]] = True  # 2 among the 32 shown, 5 among all 40
+    fig = guidance_plots.samples_figure({"dng": images}, {"dng": forbidden}, ["1"])
+    ax = fig.axes[0]
+    assert ax.get_title() == "dng: 2 of these 32 judged removed\n(5 of all 40, 12.5%)"
+    assert len(ax.patches) == 2  # a red frame on each shown sample judged removed
+    guidance_plots.plt.close(fig)
