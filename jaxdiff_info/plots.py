@@ -119,7 +119,7 @@ def curves_figure(curves: Mapping[str, Curves], field: str, title: str | None = 
                     ax.axvspan(lo, hi, ymin=0.0, ymax=0.04, color=color, alpha=0.6, lw=0)
         if not rate:
             ax.axhline(first.prior_entropy_bits[i], color="grey", lw=0.8, ls="-.", label="prior H(Z)")
-        if others:
+        if others and scaled:
             low, high = min(np.nanmin(y) for _, y in scaled), max(np.nanmax(y) for _, y in scaled)
             ax.set_ylim(bottom=min(0.0, low) - 0.05 * (high - low))
             _clip_note(ax, others, high + 0.1 * (high - min(0.0, low)))
