@@ -42,6 +42,38 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+MAX_RESAMPLES = 100_000  # R x steps x problems must stay within XLA's 32-bit dimensions
+
+
+def resamples(text: str) -> int:
+    """argparse type of --bootstrap: an integer from 2 (an interval needs two) to MAX_RESAMPLES."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 2 <= n <= MAX_RESAMPLES:
+        raise argparse.ArgumentTypeError(f"must be from 2 (an interval needs two resamples) to {MAX_RESAMPLES}, got {n}")
+    return n
+
+
+def folder(text: str) -> Path:
+    """argparse type of an output or checkpoint folder: a path that names something."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder, got an empty path")
+    return Path(text)
+
+
+def finite_nonnegative(text: str) -> float:
+    """argparse type of a scale or weight: a finite number >= 0."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (x >= 0 and x < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return x
+
+
 def run_command(prog: str, command: Callable[[], object], *, out: Path | None = None,
                 outputs: Sequence[str] = ()) -> tuple[int, object]:
     """Run `command()`; bad input (ValueError) becomes one line "prog: error: ..." on stderr
@@ -52,7 +84,7 @@ def run_command(prog: str, command: Callable[[], object], *, out: Path | None = 
     previous = _watch_interrupts()
     try:
         return 0, command()
-    except ValueError as e:
+    except (ValueError, FloatingPointError) as e:  # bad input, or settings that made the numbers non-finite
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2, None
     except KeyboardInterrupt:

@@ -48,8 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--splits", type=int, default=20, help="held-out splits (seeds 0..N-1) to sum over")
     p.add_argument("--top", type=int, default=8, help="pairs to list per classifier")
     a = p.parse_args(argv)
-    if a.splits < 1:
-        p.error(f"--splits must be >= 1, got {a.splits}")
+    if not 1 <= a.splits <= 1000:
+        p.error(f"--splits must be from 1 to 1000 (each split trains both classifiers, ~2 s), got {a.splits}")
+    if not 0 <= a.top <= 45:
+        p.error(f"--top must be from 0 to 45 (the pairs of ten digits), got {a.top}")
     per_seed = [confusions(seed) for seed in range(a.splits)]
     totals = {name: sum(c[name] for c in per_seed) for name in per_seed[0]}
     totals["both, summed"] = sum(totals.values())

@@ -343,11 +343,11 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     p.add_argument("--seed", type=int, default=Config.seed, help="seed of every random draw")
     p.add_argument("--bandwidth", type=float, default=Config.bandwidth,
                    help="smoothing of the Monte Carlo entropy rates, in normalised time (0 = none)")
-    p.add_argument("--bootstrap", type=int, default=Config.num_resamples, help="bootstrap resamples")
+    p.add_argument("--bootstrap", type=cli.resamples, default=Config.num_resamples, help="bootstrap resamples")
     p.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="also write every online trajectory (x_t and log P(k | x_t)) every N-th step to "
                         "trajectories.npz (default: 0, off)")
-    p.add_argument("--out", type=Path, default=Config.out, help="output folder")
+    p.add_argument("--out", type=cli.folder, default=Config.out, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
@@ -358,8 +358,6 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         p.error(f"--steps must be >= {fewest} for the {a.schedule} schedule, got {a.steps}")
     if a.save_every < 0:
         p.error(f"--save-every must be >= 0, got {a.save_every}")
-    if a.bootstrap < 1:
-        p.error(f"--bootstrap must be >= 1, got {a.bootstrap}")
     try:
         spec = PAPER_SPEC if a.spec is None else load_spec(a.spec)
     except ValueError as e:

@@ -175,7 +175,7 @@ def run(config: Config) -> dict:
                                    log_prior=cm.class_log_weights, guidance=g, scale=scale, batch_size=4096)
             x_0 = np.asarray(done.x_0, np.float64) + shift
             if not np.all(np.isfinite(x_0)):
-                raise FloatingPointError(f"non-finite samples from {method} at scale {scale:g}")
+                raise FloatingPointError(f"non-finite samples from {method} at scale {scale:g}; use a smaller --scales value")
             key = npz_key(method, scale, default)
             samples[key], paths[key] = x_0, done
             m = removal.removal_metrics(mix, mask, x_0, jax.random.fold_in(key_boot, i), reference=reference,
@@ -329,7 +329,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     p.add_argument("--steps", type=int, default=Config.steps,
                    help="diffusion steps T (linear schedule; with --checkpoint respaced from the model's)")
     p.add_argument("--seed", type=int, default=Config.seed, help="seed of every random draw")
-    p.add_argument("--bootstrap", type=int, default=Config.num_resamples, help="bootstrap resamples")
+    p.add_argument("--bootstrap", type=cli.resamples, default=Config.num_resamples, help="bootstrap resamples")
     p.add_argument("--max-ratio", type=float, default=None,
                    help="dng: cap P/(1-P) at this value (default: none, the exact recursion)")
     p.add_argument("--published-prior", type=float, default=None,
@@ -338,12 +338,12 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     p.add_argument("--offset", type=float, default=Config.offset, help="dng_published: offset per step")
     p.add_argument("--p-min", type=float, default=Config.p_min, help="dng_published: lower clamp of P(C)")
     p.add_argument("--p-max", type=float, default=Config.p_max, help="dng_published: upper clamp of P(C)")
-    p.add_argument("--out", type=Path, default=Config.out, help="output folder")
+    p.add_argument("--out", type=cli.folder, default=Config.out, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     allowed = METHODS if a.checkpoint is None else IMAGE_METHODS
-    methods = tuple(dict.fromkeys(_split([a.methods or ",".join(allowed)])))
+    methods = tuple(dict.fromkeys(_split([a.methods if a.methods is not None else ",".join(allowed)])))
     unknown = [m for m in methods if m not in allowed]
     if unknown or not methods:
         where = " with --checkpoint (no exact p(x | not C) there)" if a.checkpoint is not None else ""
@@ -354,8 +354,6 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         p.error(f"--num-samples must be >= 2, got {a.num_samples}")
     if a.steps < (2 if a.checkpoint is not None else 21):
         p.error(f"--steps must be >= 21 for the linear schedule, got {a.steps}")
-    if a.bootstrap < 1:
-        p.error(f"--bootstrap must be >= 1, got {a.bootstrap}")
     if a.max_ratio is not None and not (math.isfinite(a.max_ratio) and a.max_ratio > 0):
         p.error(f"--max-ratio must be a finite number > 0, got {a.max_ratio:g}")
     if not 0 < a.p_min < a.p_max < 1:

@@ -192,8 +192,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     p.add_argument("--steps", type=int, default=Config.steps,
                    help="diffusion steps T (linear schedule; with --checkpoint respaced from the model's)")
     p.add_argument("--seed", type=int, default=Config.seed, help="seed of every random draw (the same for every w)")
-    p.add_argument("--bootstrap", type=int, default=Config.num_resamples, help="bootstrap resamples")
-    p.add_argument("--out", type=Path, default=Config.out, help="output folder")
+    p.add_argument("--bootstrap", type=cli.resamples, default=Config.num_resamples, help="bootstrap resamples")
+    p.add_argument("--out", type=cli.folder, default=Config.out, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
@@ -211,8 +211,6 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         p.error(f"--weights {a.weights}: a weight is repeated")
     if a.samples_per_class < 2:
         p.error(f"--samples-per-class must be >= 2 (for confidence intervals), got {a.samples_per_class}")
-    if a.bootstrap < 1:
-        p.error(f"--bootstrap must be >= 1, got {a.bootstrap}")
     return Config(spec=spec, checkpoint=a.checkpoint, weights=weights, samples_per_class=a.samples_per_class,
                   steps=a.steps, seed=a.seed, num_resamples=a.bootstrap, out=a.out, overwrite=a.overwrite,
                   progress=not a.no_progress)

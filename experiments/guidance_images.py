@@ -143,7 +143,7 @@ def run(config, scales: dict, resolve_classes) -> dict:
                                    log_prior=np.log(prior), guidance=g, scale=scale or 0.0, batch_size=BATCH)
             x_0 = np.asarray(done.x_0, np.float32)
             if not np.all(np.isfinite(x_0)):
-                raise FloatingPointError(f"non-finite samples from {method} at scale {scale}")
+                raise FloatingPointError(f"non-finite samples from {method} at scale {scale}; use a smaller --scales value")
             key = method if default or scale is None else f"{method}/{scale:g}"
             labels = judge.labels(x_0)
             samples[key], paths[key], forbidden[key] = x_0, done, mask[labels]

@@ -260,6 +260,10 @@ def online_curves(
         progress=progress, unconditional=unconditional, after_chunk=chunk_done if after_chunk else None,
         sharding=sharding, state_log_posterior=state_log_posterior if state_readout else None,
         x_T_offset=None if shift is None else -np.sqrt(alpha_bar[-1]) * shift)
+    if not np.all(np.isfinite(np.asarray(run.block_sums))):
+        raise FloatingPointError("the online classifier's entropies are not finite: " + (
+            f"the guided eps overflowed float32 at guidance w = {guidance:g}; use a smaller weight" if guidance
+            else "the model's eps gave NaN or inf"))
     path_log_post, mean_post, path_x, own_sums = run.paths
     if path_x is not None and shift is not None:
         path_x = path_x + (np.sqrt(alpha_bar)[:, None, None] * shift).astype(np.float32)

@@ -204,13 +204,14 @@ def removal_metrics(mixture: gmm.GaussianMixture, removed: np.ndarray, samples: 
     def fractions(w):  # (..., N) -> forbidden (...,), class fractions (..., C - |C|)
         mean = w @ post
         rest = mean[..., ~removed]
-        return mean[..., removed].sum(-1), rest / rest.sum(-1, keepdims=True)
+        total = rest.sum(-1, keepdims=True)  # 0 in a resample of forbidden samples only: no fractions there
+        return mean[..., removed].sum(-1), np.divide(rest, total, out=np.full_like(rest, np.nan), where=total > 0)
 
     forbidden, frac = fractions(np.full(samples.shape[0], 1.0 / samples.shape[0]))
     forbidden_b, frac_b = fractions(weights)
     dist = float(distance_to_target(samples, target, reference))
     dist_b = distance_to_target(samples, target, reference, weights)
-    ci = lambda a: np.percentile(a, [2.5, 97.5], axis=0)  # noqa: E731
+    ci = lambda a: np.nanpercentile(a, [2.5, 97.5], axis=0)  # noqa: E731  (over the resamples that define it)
     return RemovalMetrics(float(forbidden), ci(forbidden_b), frac, ci(frac_b).T, float(kl_bits(frac, q)),
                           ci(kl_bits(frac_b, q)), dist, ci(dist_b))
 

@@ -265,3 +265,32 @@ def test_full_covariances_and_classes_of_components_run(tmp_path):
     assert gap < 0.15 and p["entropy_bits"]["online"][-1] == pytest.approx(p["prior_entropy_bits"], abs=1e-5)
     # I-MMSE with the denoisers of classes made of full-covariance components
     assert np.abs(np.subtract(p["entropy_bits"]["immse"], p["entropy_bits"]["forward_mc"])).max() < 0.15
+
+
+@pytest.mark.parametrize("after", [0.3, 1.2])
+def test_ctrl_c_while_starting_is_one_line_and_nothing_written(tmp_path, after):
+    """SIGINT while Python still imports JAX (before the command's own handler): it used to be a
+    traceback, or a KeyboardInterrupt that a finaliser swallowed, after which the run went on
+    and wrote everything with exit status 0."""
+    import signal
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.gmm", "--out", str(out), "--no-progress"] + FAST,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(gmm.__file__).parents[1])
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-1000:]
+    assert stderr.strip().splitlines() == ["python -m experiments.gmm: interrupted; nothing was written"]
+    assert not out.exists() and not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--bootstrap", "1000000000000", "must be from 2"), ("--bootstrap", "1", "must be from 2"),
+    ("--out", "", "must name a folder")])
+def test_flags_out_of_range_are_one_line(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        gmm.parse_args([flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

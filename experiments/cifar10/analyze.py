@@ -106,8 +106,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the tracker uses whichever kernel generates)")
     p.add_argument("--generation", choices=["conditional", "unconditional"], default=AnalyzeConfig.generation,
                    help="generate from each class (per-class profiles) or from the null class")
-    p.add_argument("--guidance", type=float, default=AnalyzeConfig.guidance,
-                   help="classifier-free guidance weight w (0: none)")
+    p.add_argument("--guidance", type=cli.finite_nonnegative, default=AnalyzeConfig.guidance,
+                   help="classifier-free guidance weight w >= 0 (0: none)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="trajectories per network call (each call evaluates all K classes) (default: all at once)")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of their EMA")
@@ -118,14 +118,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=AnalyzeConfig.seed, help="seed of the noise and the bootstrap")
     p.add_argument("--bandwidth", type=float, default=AnalyzeConfig.bandwidth,
                    help="smoothing of the entropy rates in normalised time")
-    p.add_argument("--bootstrap", type=int, default=AnalyzeConfig.num_resamples, help="bootstrap resamples")
+    p.add_argument("--bootstrap", type=cli.resamples, default=AnalyzeConfig.num_resamples, help="bootstrap resamples")
     p.add_argument("--no-immse", action="store_true",
                    help="skip the I-MMSE cross-check (the class label's H and D_k from the model's denoisers; "
                         "default: computed beside the online curves)")
     p.add_argument("--immse-samples-per-class", type=int, default=None,
                    help="held-out images per class for I-MMSE (default: --samples-per-class, or as many as the "
                         "smallest class of the held-out split has)")
-    p.add_argument("--out", type=Path, default=AnalyzeConfig.out, help="output folder")
+    p.add_argument("--out", type=cli.folder, default=AnalyzeConfig.out, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from experiments import cli
 from experiments.cli import run_command
 
 PROG = "python -m experiments.cifar10 train"
@@ -42,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model config, sized for the dataset's images (default: the resumed run's, else tiny)")
     p.add_argument("--dataset", choices=list(DATASETS), default=None,
                    help="training data (default: the resumed run's, else shapes)")
-    p.add_argument("--checkpoint-dir", type=Path, default=None,
+    p.add_argument("--checkpoint-dir", type=cli.folder, default=None,
                    help="checkpoints, config.json, metrics.jsonl, samples/ (default checkpoints/<config>-<dataset>)")
     p.add_argument("--data-dir", type=Path, default=Path("data"),
                    help="where the CIFAR-10 archive is (or is downloaded to) (default %(default)s)")
