@@ -48,6 +48,7 @@ def test_research_code_example_runs_and_prints_the_exact_peak_times(tmp_path):
         assert lo <= online <= hi
 
 
+@pytest.mark.slow  # 40-90 s: compiles a U-Net inside the tracking loop
 def test_the_network_example_runs_on_a_checkpoint(monkeypatch, capsys):
     """The second example as written, on an untrained micro U-Net of the digits' shape standing
     in for the checkpoint (load_checkpoint itself is tested in test_training.py)."""
