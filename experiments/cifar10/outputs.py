@@ -50,7 +50,8 @@ def write_outputs(out: Path, result, settings: dict, extra: dict | None = None) 
 
     curves = result.estimators()
     class_names = list(result.class_names)
-    summary = {**settings, "posterior": {name: c.posterior for name, c in curves.items()}, "sampler": result.sampler, "class_names": class_names, "estimators": list(curves),
+    summary = {**settings, "posterior": {name: c.posterior for name, c in curves.items()},  # every estimator's
+               "sampler": result.sampler, "class_names": class_names, "estimators": list(curves),
                "methods": results.methods(curves),
                "problems": [results.problem_summary(i, curves) for i in range(len(result.curves.problems))]}
     cross = immse_differences(result)
