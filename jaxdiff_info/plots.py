@@ -46,27 +46,27 @@ def posterior_line(curves: Mapping[str, Curves]) -> str:
     return "posterior: " + "; ".join(f"{', '.join(names)}: {p}" for p, names in by_posterior.items())
 
 
-def _full_title(title: str | None, curves: Mapping[str, Curves]) -> str:
-    return posterior_line(curves) if not title else f"{title}\n{posterior_line(curves)}"
-
-
-def _suptitle(fig, text: str | None, fontsize: float = 9) -> None:
-    """The figure's title, each line wrapped to the figure's width."""
-    if not text:
-        return
+def _suptitle(fig, *lines: str | None, fontsize: float = 9):
+    """The figure's title from the lines given (empty ones left out), each wrapped to the
+    figure's width; the title's Text, or None when there is none."""
     import textwrap
 
+    lines = [line for line in lines if line]
+    if not lines:
+        return None
     chars = max(40, int(fig.get_figwidth() * 72 / (0.55 * fontsize)))
-    fig.suptitle("\n".join(textwrap.fill(line, chars) for line in text.split("\n")), fontsize=fontsize)
+    return fig.suptitle("\n".join(textwrap.fill(line, chars) for text in lines for line in text.split("\n")),
+                        fontsize=fontsize)
 
 
-def _legend_below(fig, handles, labels, ncol: int, **kwargs) -> None:
+def _legend_below(fig, handles, labels, ncol: int, title=None, legend_title: str | None = None) -> None:
     """A legend centred under the panels: the figure grows by the legend's and the title's
-    height, so that the panels keep theirs, and the panels are laid out above the legend."""
-    legend = fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False, **kwargs)
+    (the Text `title`) height, so that the panels keep theirs, and the panels are laid out
+    above the legend. legend_title: a line heading the legend."""
+    legend = fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False,
+                        title=legend_title, title_fontsize=7)
     fig.canvas.draw()
     legend_in = legend.get_window_extent().height / fig.dpi + 0.08
-    title = fig._suptitle
     title_in = title.get_window_extent().height / fig.dpi + 0.1 if title is not None else 0.0
     height = fig.get_figheight() + legend_in + title_in
     fig.set_figheight(height)
@@ -129,8 +129,8 @@ def curves_figure(curves: Mapping[str, Curves], field: str, title: str | None = 
         ax.set_xlabel(TIME_LABEL, fontsize=8)
         ax.set_ylabel(RATE_LABEL if rate else ENTROPY_LABEL, fontsize=8)
     handles, labels = axes[0].get_legend_handles_labels()
-    _suptitle(fig, _full_title(title, curves))
-    _legend_below(fig, handles, labels, ncol=min(len(labels), 4 if len(axes) > 2 else len(axes)))
+    heading = _suptitle(fig, title, posterior_line(curves))
+    _legend_below(fig, handles, labels, ncol=min(len(labels), 4 if len(axes) > 2 else len(axes)), title=heading)
     return fig
 
 
@@ -168,7 +168,7 @@ def posterior_paths_figure(time: np.ndarray, log_posterior: np.ndarray, path_cla
     heading = "P(k | x_t, ..., x_T) of the online classifier along generated trajectories"
     if posterior:
         heading += f"; posterior: {posterior}"
-    _suptitle(fig, heading if not title else f"{title}\n{heading}")
+    _suptitle(fig, title, heading)
     fig.tight_layout()
     return fig
 
@@ -215,7 +215,7 @@ def class_curves_figure(class_curves: Curves, title: str | None = None):
         ax.grid(alpha=0.3)
     a0.legend(fontsize=6, ncol=2, title="shaded: 95% bootstrap bands", title_fontsize=6)
     a1.legend(fontsize=6, ncol=2)
-    _suptitle(fig, _full_title(title, {"online": class_curves}))
+    _suptitle(fig, title, posterior_line({"online": class_curves}))
     fig.tight_layout()
     return fig
 
@@ -252,9 +252,10 @@ def class_information_figure(curves: Mapping[str, Curves], class_names: Sequence
         ax.set_ylabel("D_k = KL(p(x_t|k) || p(x_t))  [bits]", fontsize=7)
     for ax in axes[-4:]:
         ax.set_xlabel("t/T  (generation: 1 -> 0)", fontsize=7)
-    _suptitle(fig, _full_title(title, curves))
+    heading = _suptitle(fig, title, posterior_line(curves))
     handles, texts = axes[0].get_legend_handles_labels()
-    _legend_below(fig, handles, texts, ncol=min(len(texts), 3), title="shaded: 95% bootstrap bands", title_fontsize=7)
+    _legend_below(fig, handles, texts, ncol=min(len(texts), 3), title=heading,
+                  legend_title="shaded: 95% bootstrap bands")
     return fig
 
 
@@ -291,10 +292,10 @@ def reference_overlay_figure(label: Mapping[str, Curves], classes: Mapping[str, 
     axes[0].set_ylabel("H(Y | X_t)  [bits]", fontsize=8)
     for ax in axes[-4:]:
         ax.set_xlabel("t/T  (generation: 1 -> 0)", fontsize=7)
-    _suptitle(fig, title)
+    heading = _suptitle(fig, title)
     handles, labels = axes[0].get_legend_handles_labels()
     note = "shaded: 95% bootstrap bands; dotted: peak of the rate"
-    _legend_below(fig, handles, labels, ncol=min(len(labels), 2), title=note, title_fontsize=7)
+    _legend_below(fig, handles, labels, ncol=min(len(labels), 2), title=heading, legend_title=note)
     return fig
 
 
@@ -323,7 +324,7 @@ def posterior_heatmap_figure(time: np.ndarray, mean_posterior: np.ndarray, class
     heading = "mean posterior of the online classifier over the trajectories of each generating class"
     if posterior:
         heading += f"; posterior: {posterior}"
-    _suptitle(fig, heading if not title else f"{title}\n{heading}")
+    _suptitle(fig, title, heading)
     return fig
 
 

@@ -124,6 +124,9 @@ def _run_expect_2(args, capsys):
     (["--steps", "2000"], "only 1000"),
     (["--steps", "1"], "--steps must be >= 2"),
     (["--immse-samples-per-class", "4"], "drop it or --no-immse"),
+    (["--guidance", "nan"], "finite number >= 0"),
+    (["--guidance", "-1"], "finite number >= 0"),
+    (["--bootstrap", "1"], "must be from 2"),
 ])
 def test_bad_settings(checkpoint, tmp_path, capsys, extra, message):
     """(with --no-immse: I-MMSE's own settings are in test_bad_immse_settings)"""

@@ -297,3 +297,18 @@ def test_samples_figure_counts_the_judged_removed_among_the_shown_and_among_all(
     assert ax.get_title() == "dng: 2 of these 32 judged removed\n(5 of all 40, 12.5%)"
     assert len(ax.patches) == 2  # a red frame on each shown sample judged removed
     guidance_plots.plt.close(fig)
+
+
+def test_class_fractions_of_resamples_with_only_forbidden_samples_are_left_out_not_nan():
+    """Four samples, three of them at the removed point: some resamples hold no remaining sample,
+    whose class fractions are undefined (they divided 0 by 0, and the interval was NaN)."""
+    import warnings
+
+    mix = gmm.make_mixture([-8.0, -4.0, 6.0, 8.0])
+    removed = np.array([False, False, True, False])
+    samples = np.array([[6.0], [6.0], [6.0], [-8.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        m = R.removal_metrics(mix, removed, samples, jax.random.key(0), num_resamples=200)
+    assert np.all(np.isfinite(m.class_fractions_ci95))
+    assert m.class_fractions_ci95[0] == pytest.approx([1.0, 1.0])  # every defined resample: all at -8

@@ -72,6 +72,8 @@ BAD = {
     "unknown method": (["--methods", "dng,cfg"], "unknown method"),
     "clamp": (["--p-max", "1"], "p-max"),
     "two models": (["--spec", "s.json", "--checkpoint", "c", "--remove", "0"], "give one model"),
+    "no methods": (["--methods", ""], "name at least one method"),
+    "a scale that overflows": (["--methods", "dng", "--scales", "dng=1e30"], "non-finite samples from dng"),
 }
 
 
