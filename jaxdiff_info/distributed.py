@@ -73,7 +73,8 @@ def explicit_job(env: Mapping[str, str]) -> tuple[str, int, int, int] | None:
 
 
 def _check_reachable(host: str, port: int, pid: int, timeout: int) -> None:
-    """Process 0 must be able to listen on the address; the others must reach it within timeout."""
+    """Process 0 must be able to listen on the address; the others must reach it within timeout
+    and find a gRPC server there (`_coordinator_answer`)."""
     if pid == 0:
         try:
             with socket.create_server((host, port)):
@@ -86,20 +87,103 @@ def _check_reachable(host: str, port: int, pid: int, timeout: int) -> None:
     while True:
         try:
             with socket.create_connection((host, port), timeout=5):
-                return
+                break
         except OSError as e:
             if time.monotonic() >= deadline:
                 raise ValueError(f"cannot reach the coordinator at JAX_COORDINATOR_ADDRESS {host}:{port} within "
                                  f"{timeout} s ({e.strerror or e}): start process 0 there, or fix the address "
                                  f"(JAXDIFF_INFO_CONNECT_TIMEOUT sets the wait)") from None
             time.sleep(0.5)
+    answer = _coordinator_answer(host, port, timeout=min(timeout, 30))
+    if answer is not None:
+        raise ValueError(f"JAX_COORDINATOR_ADDRESS {host}:{port} is not a JAX coordinator (it {answer}): give the "
+                         f"host:port that process 0 of this job was given")
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def _coordinator_answer(host: str, port: int, timeout: float) -> str | None:
+    """None when host:port answers as a gRPC server (JAX's coordination service is one): a
+    read-only call, CoordinationService/GetTaskState for no task, answered with HTTP/2 status
+    200. Otherwise what it did instead, for the error (JAX itself would abort the process with a
+    C++ check failure). Only definite refusals count: an answer this probe cannot read is None."""
+    def literal(name_index: int, value: str) -> bytes:  # HPACK literal, indexed name, no Huffman code
+        return bytes([name_index, len(value)]) + value.encode()
+
+    headers = (b"\x83\x86"  # :method POST, :scheme http
+               + literal(4, "/xla.coordination.CoordinationService/GetTaskState") + literal(1, "coordinator")
+               + literal(31, "application/grpc") + b"\x00\x02te\x08trailers")
+    request = (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0, b"")  # preface, SETTINGS
+               + _frame(1, 4, 1, headers) + _frame(0, 1, 1, bytes(5)))  # HEADERS, an empty gRPC message
+    received = b""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(request)
+            while True:
+                while len(received) < 9 or len(received) < 9 + int.from_bytes(received[:3], "big"):
+                    if received.startswith(b"HTTP/") and b"\r\n" in received:
+                        line = received.split(b"\r\n")[0].decode("latin-1")
+                        return f"answered {line!r}, not HTTP/2"
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        return "closed the connection without answering a gRPC call"
+                    received += chunk
+                size, kind, flags = int.from_bytes(received[:3], "big"), received[3], received[4]
+                stream, payload = int.from_bytes(received[5:9], "big") & 0x7FFFFFFF, received[9:9 + size]
+                received = received[9 + size:]
+                if kind == 4 and not flags & 1:
+                    s.sendall(_frame(4, 1, 0, b""))  # SETTINGS acknowledged
+                elif kind == 7 and payload[4:8] != bytes(4):
+                    return "ended the connection with an HTTP/2 error instead of answering a gRPC call"
+                elif kind == 3 and stream == 1:
+                    return "reset the gRPC call (HTTP/2 RST_STREAM)"
+                elif kind == 1 and stream == 1:
+                    return _http2_status(payload[5:] if flags & 0x20 else payload)
+    except socket.timeout:
+        return f"did not answer a gRPC call within {timeout:g} s"
+    except OSError as e:
+        return f"ended the connection ({e.strerror or e})"
+
+
+def _http2_status(block: bytes) -> str | None:
+    """None for :status 200 as the first field of an HPACK header block (or a block this cannot
+    read: Huffman-coded strings, long integers); otherwise the status it answered."""
+    static = {8: "200", 9: "204", 10: "206", 11: "304", 12: "400", 13: "404", 14: "500"}  # RFC 7541, :status
+    i = 0
+    while i < len(block) and block[i] & 0xE0 == 0x20:  # dynamic table size updates
+        i += 1
+    if i >= len(block):
+        return None
+    first = block[i]
+    if first & 0x80:  # an indexed field
+        status = static.get(first & 0x7F)
+        return None if status in (None, "200") else f"answered HTTP status {status}"
+    index = first & (0x3F if first & 0x40 else 0x0F)  # a literal: the name's index, or 0 and the name
+    i += 1
+
+    def string() -> bytes | None:
+        nonlocal i
+        if i >= len(block) or block[i] & 0x80 or block[i] == 0x7F:  # Huffman-coded or long
+            return None
+        text = block[i + 1:i + 1 + block[i]]
+        i += 1 + block[i]
+        return text
+
+    if index == 0 and string() != b":status" or index and index not in static:
+        return None
+    value = string()
+    if value is None or not value.isdigit() or value == b"200":
+        return None
+    return f"answered HTTP status {value.decode()}"
 
 
 def initialize(env: Mapping[str, str] | None = None) -> bool:
     """Start `jax.distributed` when the environment describes a multi-process job (module
     docstring); nothing otherwise. Must run before any JAX computation. Returns whether JAX runs
     distributed. ValueError, one line, for an environment that does not describe a job, a
-    coordinator that cannot be reached, or a start after JAX has computed."""
+    coordinator that cannot be reached or is not one, or a start after JAX has computed."""
     env = os.environ if env is None else env
     if jax.distributed.is_initialized():
         return True
@@ -117,6 +201,11 @@ def initialize(env: Mapping[str, str] | None = None) -> bool:
             jax.distributed.initialize(f"{host}:{port}", num, pid, **timeouts)
         elif int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
             jax.distributed.initialize(**timeouts)
+        elif (env.get("JAX_NUM_PROCESSES", "").strip() not in ("", "1")
+              or env.get("JAX_PROCESS_ID", "").strip() not in ("", "0")):
+            raise ValueError(f"JAX_NUM_PROCESSES={env.get('JAX_NUM_PROCESSES', '')!r} and JAX_PROCESS_ID="
+                             f"{env.get('JAX_PROCESS_ID', '')!r} describe a job of several processes: set "
+                             f"JAX_COORDINATOR_ADDRESS to process 0's host:port too (or unset both for one process)")
         else:
             return False
     except RuntimeError as e:

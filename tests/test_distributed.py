@@ -4,10 +4,12 @@ process ends the others, and a job the environment cannot describe is one line, 
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -84,6 +86,8 @@ def checkpoint(tmp_path_factory):
     ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_NUM_PROCESSES": "0", "JAX_PROCESS_ID": "0"},
      "JAX_NUM_PROCESSES must be >= 1"),
     ({"JAXDIFF_INFO_HEARTBEAT_TIMEOUT": "soon"}, "JAXDIFF_INFO_HEARTBEAT_TIMEOUT must be a whole number"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "set JAX_COORDINATOR_ADDRESS to process 0's host:port too"),
+    ({"JAX_PROCESS_ID": "1"}, "describe a job of several processes"),
 ])
 def test_a_job_the_environment_cannot_describe_is_one_line(env, message):
     with pytest.raises(ValueError, match=message) as err:
@@ -105,6 +109,60 @@ def test_an_unreachable_coordinator_is_one_line():
         distributed.initialize({**env, "JAX_COORDINATOR_ADDRESS": "203.0.113.7:1234", "JAX_PROCESS_ID": "0"})
     assert not distributed.initialize({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_NUM_PROCESSES": "1",
                                        "JAX_PROCESS_ID": "0"})  # a job of one process: nothing to start
+
+
+def serve_once(reply):
+    """A server on a free port of 127.0.0.1 that is not a JAX coordinator: for each connection it
+    reads the request and calls reply(connection). Returns the port."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def loop():
+        while True:
+            connection, _ = server.accept()
+            with connection:
+                connection.settimeout(5)
+                try:
+                    connection.recv(65536)
+                    reply(connection)
+                except OSError:
+                    pass
+
+    threading.Thread(target=loop, daemon=True).start()
+    return server.getsockname()[1]
+
+
+def http2_404(connection):
+    connection.sendall(distributed._frame(4, 0, 0, b"") + distributed._frame(1, 4, 1, b"\x8d"))
+    time.sleep(0.5)
+
+
+@pytest.mark.parametrize("reply, answer", [
+    (lambda c: c.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n"), "answered 'HTTP/1.1 400 Bad Request', not HTTP/2"),
+    (lambda c: None, "closed the connection without answering a gRPC call"),
+    (http2_404, "answered HTTP status 404"),
+    (lambda c: time.sleep(3), "did not answer a gRPC call within 1 s"),
+])
+def test_an_address_where_something_else_listens_is_one_line(reply, answer):
+    """JAX itself aborts the process there (a C++ check failure, exit 134)."""
+    port = serve_once(reply)
+    env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1",
+           "JAXDIFF_INFO_CONNECT_TIMEOUT": "1"}
+    with pytest.raises(ValueError, match=f"JAX_COORDINATOR_ADDRESS 127.0.0.1:{port} is not a JAX coordinator "
+                                         f"\\(it {re.escape(answer)}\\): give the host:port") as err:
+        distributed.initialize(env)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("block, answer", [
+    (b"\x88", None), (b"\x8d", "answered HTTP status 404"), (b"\x3f\xe1\x1f\x88", None),
+    (b"\x00\x07:status\x03200", None), (b"\x40\x07:status\x03503", "answered HTTP status 503"),
+    (b"\x08\x03404", "answered HTTP status 404"), (b"\x48\x83\x64\x01\x00", None),  # Huffman: not read
+    (b"\x00\x0ccontent-type\x03abc", None), (b"", None),
+])
+def test_the_probe_reads_the_status_of_an_answer(block, answer):
+    """RFC 7541's representations of :status: indexed, literal with a new or an indexed name;
+    what it cannot read counts as an answer (JAX then decides)."""
+    assert distributed._http2_status(block) == answer
 
 
 def test_the_cli_refuses_a_bad_job_with_exit_2(checkpoint, tmp_path):
