@@ -152,9 +152,10 @@ def run(config: Config) -> dict:
     options = dict(max_ratio=config.max_ratio, prior=config.published_prior, temperature=config.temperature,
                    offset=config.offset, p_min=config.p_min, p_max=config.p_max)
     plans = {m: guidance.Guidance(m, **options) for m in config.methods if m in SCALED}
+    cli.check_memory("--steps", config.steps, lambda steps: bytes_needed(mix, 2, steps), minimum=2)
+    cli.check_memory("--num-samples", config.num_samples, lambda n: bytes_needed(mix, n, config.steps))
     schedule = make_schedule("linear", config.steps)
     sampler = jdi.Sampler("ddpm", "small")
-    cli.check_memory("--num-samples", config.num_samples, lambda n: bytes_needed(mix, n, config.steps))
     runs = [(m, s, i == 0) for m in config.methods if m in SCALED
             for i, s in enumerate(scales.get(m, DEFAULT_SCALES[m]))]
 
@@ -256,11 +257,12 @@ def _entry(method, scale, default, key, m, names, mask, guidance_text, posterior
 def bytes_needed(mix, num_samples: int, steps: int) -> int:
     """A generous estimate of a run's peak memory: per trajectory every class eps, the reverse
     means and the state (4 (K + 1) d + 2 K float32, twice for intermediates), the bootstrap's
-    weights (200 float64 per sample) and, for d > 1, the energy distance's N x N distances."""
+    weights (200 float64 per sample), for d > 1 the energy distance's N x N distances, and 4 KB
+    per step (the schedule and each run's per-step curves; measured: 2.8 KB)."""
     K, d, n = mix.num_classes, mix.dim, num_samples
     per = 2 * 4 * (4 * (K + 1) * d + 2 * K + 4) + 8 * 200
     pairwise = 8 * 2 * max(n, REFERENCE_SIZE) ** 2 if d > 1 else 0
-    return FIXED_BYTES + n * per + pairwise + 8 * steps * 64
+    return FIXED_BYTES + n * per + pairwise + 4096 * steps
 
 
 # --- CLI ------------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ def _model(config: Config):
         mix, problems = build_problem(config.spec)
         if config.steps < 21:
             raise ValueError(f"--steps must be >= 21 for the linear schedule, got {config.steps}")
+        check_memory(config, mix, len(problems))
         names = [component_name(mix, k) for k in range(mix.num_classes)]
         return (mix, problems, jdi.linear_schedule(config.steps), DEFAULT_SAMPLER, names, "mixture",
                 {"mixture": mixture_summary(config.spec, mix)})
@@ -86,6 +87,7 @@ def _model(config: Config):
     if not 2 <= config.steps <= model.num_train_steps:
         raise ValueError(f"--steps must be >= 2 and <= {model.num_train_steps} (the model's schedule has only "
                          f"{model.num_train_steps} steps), got {config.steps}")
+    check_memory(config, model.config, unet.count_params(model.params))
     K = model.config.num_classes
     shape = (model.config.image_size, model.config.image_size, model.config.channels)
     network = jdi.Network(unet.make_eps_fn(model.config), model.params, shape, K, has_null=model.has_null)
@@ -96,6 +98,27 @@ def _model(config: Config):
     return (network, problems, schedule, IMAGE_SAMPLER, list(model.class_names), description,
             {"model": {"checkpoint": str(config.checkpoint), "step": model.step, "config": model.config_name,
                        "dataset": model.dataset, "train_steps": model.num_train_steps}})
+
+
+def check_memory(config: Config, model, size: int) -> None:
+    """ValueError, one line, if the run cannot fit in the memory available (the largest --steps or
+    --samples-per-class that does): for a mixture (`size`: its number of problems) the estimate of
+    python -m experiments.gmm, for a network (`size`: its parameters) that of analyze, every class
+    and the null class in each call."""
+    from experiments import gmm
+    from experiments.cifar10 import analyze
+    from jaxdiff_info import mixture
+
+    if isinstance(model, mixture.GaussianMixture):
+        def needed(samples_per_class: int, steps: int = config.steps) -> int:
+            return gmm.bytes_needed(model.num_classes, model.dim, size, samples_per_class, steps,
+                                    num_components=model.num_components, num_resamples=config.num_resamples)
+
+        cli.check_memory("--steps", config.steps, lambda steps: needed(2, steps), minimum=2)
+    else:
+        def needed(samples_per_class: int) -> int:
+            return analyze.bytes_needed(model, size, samples_per_class, None, model.num_classes + 1, 2)
+    cli.check_memory("--samples-per-class", config.samples_per_class, needed, minimum=2)
 
 
 def run(config: Config) -> dict:

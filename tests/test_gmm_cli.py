@@ -237,6 +237,23 @@ def test_a_run_too_large_for_memory_is_refused_at_once(tmp_path, capsys, monkeyp
     gmm.check_memory(dataclasses.replace(config, num_samples=largest))  # the suggestion fits, exactly
     with pytest.raises(ValueError, match="needs about"):
         gmm.check_memory(dataclasses.replace(config, num_samples=largest + 1))
+    # the steps: the T x T rate and smoothing operators (float64) grow as T^2
+    with pytest.raises(ValueError, match=r"--steps 1000000000 needs about [\d.]+ GB of memory, 20 GB are available; "
+                                         r"use --steps (\d+) or less") as refused:
+        gmm.check_memory(dataclasses.replace(config, steps=10**9))
+    largest = int(re.search(r"use --steps (\d+)", str(refused.value))[1])
+    assert 5_000 < largest < 50_000
+    gmm.check_memory(dataclasses.replace(config, steps=largest, num_samples=2))
+    assert gmm.bytes_needed(4, 1, 3, 2, 8000) > 64 * 8000**2  # measured: 3.9 GB peak at T = 8000
+
+
+def test_steps_beyond_memory_are_refused_before_the_schedule_is_built(tmp_path, capsys):
+    """--steps 1e11 was a numpy MemoryError traceback (the schedule's arrays), 1e9 killed."""
+    assert gmm.main(["--steps", str(10**11), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"{re.escape(gmm.PROG)}: error: --steps 100000000000 needs about [\d.]+ GB of memory, "
+                        r"[\d.]+ GB are available; use --steps \d+ or less", err), err
+    assert not (tmp_path / "o").exists()
 
 
 def test_readme_states_weights_and_save_every():

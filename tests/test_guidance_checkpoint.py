@@ -110,6 +110,15 @@ def test_decisions_on_a_network(checkpoint, tmp_path):
     assert (out / "decisions.png").stat().st_size > 0
 
 
+def test_decisions_beyond_memory_on_a_network_is_one_line(checkpoint, tmp_path, capsys):
+    out = tmp_path / "decisions"
+    assert cmd.main(["decisions", "--checkpoint", str(checkpoint), "--steps", "4", "--samples-per-class",
+                     str(10**11), "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{dec.PROG}: error: --samples-per-class 100000000000 needs about") and "\n" not in err, err
+    assert "use --samples-per-class" in err and not out.exists()
+
+
 def test_frechet_distance_matches_its_closed_form():
     """Two Gaussians with diagonal covariances: |m_a - m_b|^2 + sum (sqrt(a_i) - sqrt(b_i))^2."""
     rng = np.random.default_rng(0)

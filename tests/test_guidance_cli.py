@@ -74,6 +74,7 @@ BAD = {
     "two models": (["--spec", "s.json", "--checkpoint", "c", "--remove", "0"], "give one model"),
     "no methods": (["--methods", ""], "name at least one method"),
     "a scale that overflows": (["--methods", "dng", "--scales", "dng=1e30"], "non-finite samples from dng"),
+    "steps beyond memory": (["--steps", "10000000000"], "--steps 10000000000 needs about"),
 }
 
 

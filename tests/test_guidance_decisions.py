@@ -78,6 +78,8 @@ def test_guidance_is_a_path_posterior_and_moves_the_half_time_toward_T(mixture_r
     (["--steps", "10"], "--steps must be >= 21"),
     (["--spec", "s.json", "--checkpoint", "c"], "give one model"),
     (["--weights", "0,1e30"], "not finite"),  # the guided eps overflows float32
+    (["--steps", "10000000000"], "--steps 10000000000 needs about"),  # the T x T rate operator
+    (["--samples-per-class", "100000000000"], "--samples-per-class 100000000000 needs about"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(args, message, tmp_path, capsys):
     out = tmp_path / "out"
