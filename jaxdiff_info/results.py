@@ -45,7 +45,9 @@ def staged_outputs(out: str | os.PathLike, outputs: Sequence[str], overwrite: bo
     missing parent folders, so that an --out that cannot be written is found before the run.
     On a normal exit the stage takes the place of `out` with SIGINT and SIGTERM blocked; the
     other files the user kept in `out` stay, while `replaces` (outputs of an earlier run that
-    this one does not write) go with the old results. A mount point or the working folder
+    this one does not write) and whatever an earlier run of any command listed in its manifest
+    (`MANIFEST`, written with every run's outputs) go with the old results: no folder mixes the
+    outputs of two runs. A mount point or the working folder
     cannot be moved: its files are replaced one by one. On an exception (Ctrl-C included)
     the stage and the parent folders it created are removed and `out` is left as it was; a
     Ctrl-C held back during the swap came after the run was complete, and is dropped.
@@ -56,7 +58,7 @@ def staged_outputs(out: str | os.PathLike, outputs: Sequence[str], overwrite: bo
     ValueError "cannot write results to OUT: <strerror>; choose another --out".
     """
     out = Path(out)
-    names = tuple(dict.fromkeys((*outputs, *replaces)))
+    names = tuple(dict.fromkeys((*outputs, *replaces, *earlier_outputs(out))))
     _refuse_to_replace(out, names, overwrite)
     target = Path(os.path.realpath(out))
     remove_stale_stages(target)
@@ -68,8 +70,9 @@ def staged_outputs(out: str | os.PathLike, outputs: Sequence[str], overwrite: bo
     try:
         yield stage
         phase = "commit"
+        _write_manifest(stage)
         with _signals_blocked():
-            (_replace_files if in_place else _swap_folders)(stage, target, set(names))
+            (_replace_files if in_place else _swap_folders)(stage, target, {*names, MANIFEST})
             phase = "done"
     except KeyboardInterrupt:
         if phase == "done":  # held back during the swap, so it came after the run was complete
@@ -81,6 +84,23 @@ def staged_outputs(out: str | os.PathLike, outputs: Sequence[str], overwrite: bo
         if isinstance(e, WriteError) or (isinstance(e, OSError) and phase == "commit"):
             raise _cannot_write(out, e) from None
         raise
+
+
+MANIFEST = ".jaxdiff_info-outputs.json"  # in every output folder: the names of the run's outputs
+
+
+def earlier_outputs(out: str | os.PathLike) -> list[str]:
+    """The outputs the last run into `out` wrote, from its manifest (none without one)."""
+    try:
+        names = json.loads((Path(out) / MANIFEST).read_text())["outputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [n for n in names if isinstance(n, str) and n and "/" not in n and n not in (".", "..", MANIFEST)]
+
+
+def _write_manifest(stage: Path) -> None:
+    names = sorted(entry.name for entry in stage.iterdir() if entry.name != MANIFEST)
+    write_json(stage / MANIFEST, {"outputs": names})
 
 
 def _refuse_to_replace(out: Path, outputs: Sequence[str], overwrite: bool) -> None:

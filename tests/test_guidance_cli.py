@@ -2,6 +2,7 @@
 errors with exit status 2 that write nothing, and help that states every default."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -51,6 +52,21 @@ def test_refuses_to_overwrite(default_run, capsys):
     err = capsys.readouterr().err.strip()
     assert "already holds results" in err and "\n" not in err
     assert (default_run / "summary.json").read_bytes() == before
+
+
+def test_a_gmm_run_over_it_replaces_every_guidance_output(default_run, tmp_path, capsys):
+    """gmm writes other names (no samples.npz): the manifest makes it refuse, then replace all."""
+    from experiments import gmm
+    from jaxdiff_info import results
+
+    out = tmp_path / "results"
+    shutil.copytree(default_run, out)
+    (out / "notes.txt").write_text("mine")
+    gmm_fast = ["--steps", "60", "--num-samples", "16", "--bootstrap", "10", "--no-progress", "--out", str(out)]
+    assert gmm.main(gmm_fast) == 2
+    assert "samples.npz" in capsys.readouterr().err
+    assert gmm.main(gmm_fast + ["--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([*gmm.OUTPUTS, "notes.txt", results.MANIFEST])
 
 
 def _status(argv):

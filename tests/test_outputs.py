@@ -25,11 +25,12 @@ NAMES = ("summary.json", "curves.npz")
 
 def leftovers(parent: Path) -> list[str]:
     """Hidden folders a staged write may leave beside its --out."""
-    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(".") and p.name != results.MANIFEST)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+    """The files of `folder` but the run's manifest (`results.MANIFEST`)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != results.MANIFEST}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,8 @@ def test_stage_is_moved_into_place_only_when_complete(tmp_path):
         results.write_json(stage / "summary.json", {"x": 1})
         assert not out.exists()
         results.write_npz(stage / "curves.npz", {"a": np.arange(3)})
-    assert sorted(p.name for p in out.iterdir()) == sorted(NAMES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(NAMES + (results.MANIFEST,))
+    assert results.earlier_outputs(out) == sorted(NAMES)
     assert leftovers(out.parent) == []
 
 
@@ -98,6 +100,27 @@ def test_overwrite_replaces_the_results_and_keeps_the_users_files(tmp_path):
     assert snapshot(out) == {"curves.npz": b"new", "notes.txt": b"old", "summary.json": b"new"}
     assert (out / "sub" / "data.txt").read_text() == "old"
     assert leftovers(tmp_path) == []
+
+
+def test_overwrite_removes_every_output_of_the_earlier_run_whatever_wrote_it(tmp_path):
+    """The manifest names what a run wrote: a run of another command (other output names) into
+    the same --out replaces all of it, and without --overwrite is refused."""
+    out = tmp_path / "out"
+    with results.staged_outputs(out, ["summary.json", "samples.npz", "samples.png"], overwrite=False) as stage:
+        for name in ("summary.json", "samples.npz", "samples.png"):
+            (stage / name).write_text("guidance")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"already holds results \(samples.npz, samples.png, summary.json\); pass"):
+        with results.staged_outputs(out, ["curves.npz", "entropy.png"], overwrite=False):
+            pytest.fail("entered")
+    with results.staged_outputs(out, ["curves.npz", "entropy.png"], overwrite=True) as stage:
+        for name in ("curves.npz", "entropy.png"):
+            (stage / name).write_text("gmm")
+    assert snapshot(out) == {"curves.npz": b"gmm", "entropy.png": b"gmm", "notes.txt": b"mine"}
+    assert results.earlier_outputs(out) == ["curves.npz", "entropy.png"]
+    # the same in place (the working folder), and a manifest that cannot be read names nothing
+    (out / results.MANIFEST).write_text("not json")
+    assert results.earlier_outputs(out) == []
 
 
 def test_refuses_to_replace_results_without_overwrite(tmp_path):
@@ -193,7 +216,7 @@ def test_outputs_get_the_permissions_of_the_umask(tmp_path, umask, file_mode, fo
     finally:
         os.umask(old)
     assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
-        ["summary.json", "curves.npz", "figure.png"], file_mode)
+        ["summary.json", "curves.npz", "figure.png", results.MANIFEST], file_mode)
     assert out.stat().st_mode & 0o777 == folder_mode
 
 
@@ -228,7 +251,7 @@ def test_a_failing_figure_leaves_the_earlier_results_as_they_were(earlier, monke
 def test_overwrite_replaces_every_result_and_keeps_other_files(earlier):
     assert gmm.main(FAST + ["--seed", "1", "--overwrite", "--out", str(earlier)]) == 0
     assert (earlier / "notes.txt").read_text() == "mine"
-    assert sorted(p.name for p in earlier.iterdir()) == sorted(gmm.OUTPUTS + ("notes.txt",))
+    assert sorted(p.name for p in earlier.iterdir()) == sorted(gmm.OUTPUTS + ("notes.txt", results.MANIFEST))
     assert leftovers(earlier.parent) == []
 
 
@@ -317,4 +340,4 @@ def test_stages_a_killed_run_left_are_removed_and_no_other_folder(tmp_path):
         (stage / "summary.json").write_text("{}")
     assert not stale.exists() and not stale_inside.exists()
     assert all(folder.exists() for folder in kept)
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["notes.txt", "summary.json", results.MANIFEST])
