@@ -89,6 +89,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(interrupted):
     last = err.strip().splitlines()[-1]
     assert last.startswith("python -m experiments.cifar10 train: stopped by SIGTERM at step ")
     assert "run the same command again to resume" in last
+    assert "SIGTERM" not in err.replace(last, "")  # one line (a terminal shows a status line it replaces)
     step = int(last.split("at step ")[1].split(";")[0])
     assert 6 <= step < 100000 and step % 2 == 0  # a signal waits for the end of the call
     assert training.latest_step(directory) == step
@@ -202,6 +203,48 @@ def test_refuses_missing_or_corrupted_directory_content(interrupted, tmp_path, c
 
     (tmp_path / "a_file").write_text("x")
     assert "is a file" in _refused(["--checkpoint-dir", tmp_path / "a_file"], capsys)
+
+    # its checkpoints removed: training from step 0 would append to the old metrics and grids
+    removed = tmp_path / "removed"
+    shutil.copytree(directory, removed)
+    for folder in removed.iterdir():
+        if folder.name.isdigit():
+            shutil.rmtree(folder)
+    before = snapshot(removed)
+    err = _refused(["--checkpoint-dir", removed], capsys)
+    assert f"{removed} holds a run that saved checkpoints" in err and f"remove {removed} to train from step 0" in err
+    shutil.rmtree(removed / "samples")  # the metrics alone say so too
+    assert "holds a run that saved checkpoints" in _refused(["--checkpoint-dir", removed], capsys)
+    assert snapshot(removed) == {k: v for k, v in before.items() if not k.startswith("samples")}
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_without_its_metrics(interrupted, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """Its metrics lines (below the first save) are dropped: no step is logged twice."""
+    from jaxdiff_info import unet
+
+    monkeypatch.setitem(unet.CONFIGS, "micro", training.load_checkpoint(interrupted[0]).config)
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copy(interrupted[0] / "config.json", killed / "config.json")
+    (killed / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    assert main(["train", "--checkpoint-dir", str(killed), "--steps", "2", "--samples-per-class", "0",
+                 "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2] and rows[0]["loss"] != 1.0  # two steps per call, as resumed
+    assert training.latest_step(killed) == 2
+
+
+def test_a_checkpoint_dir_that_cannot_be_made_is_one_line(tmp_path, capsys, monkeypatch):
+    from jaxdiff_info import unet
+
+    monkeypatch.setitem(unet.CONFIGS, "micro", unet.UNetConfig(ch=8, ch_mult=(1, 1), num_res_blocks=1,
+                                                               attn_resolutions=(), dropout=0.0, num_classes=10,
+                                                               image_size=32, num_groups=4))
+    (tmp_path / "a_file").write_text("x")
+    err = _refused([*SMALL, "--steps", "2", "--checkpoint-dir", tmp_path / "a_file" / "run"], capsys)
+    assert f"cannot write checkpoints to {tmp_path / 'a_file' / 'run'}: Not a directory; choose another" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
 def test_analyze_without_its_module_is_one_line_exit_2(monkeypatch, capsys):

@@ -110,7 +110,8 @@ def run_from_args(a: argparse.Namespace) -> int:
     try:
         status, result = run_command(PROG, command)
     except training.TrainingInterrupted as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
+        clear = "\r\x1b[K" if sys.stderr.isatty() else ""  # over the "finishing the step" status line
+        print(f"{clear}{PROG}: {e}", file=sys.stderr)
         return 128 + e.signum
     if status:
         return status

@@ -25,8 +25,8 @@ from flax import nnx
 
 from jaxdiff_info import unet
 from jaxdiff_info.data import Dataset
-from jaxdiff_info.training.config import (CONFIG_FILE, FORMAT, NUM_TRAIN_STEPS, RNG_IMPL, TRAJECTORY_FIELDS,
-                                          TrainConfig, _one_line)
+from jaxdiff_info.training.config import (CONFIG_FILE, FORMAT, METRICS_FILE, NUM_TRAIN_STEPS, RNG_IMPL, SAMPLES_DIR,
+                                          TRAJECTORY_FIELDS, TrainConfig, _one_line)
 from jaxdiff_info.training.input_pipeline import _replicated, data_mesh
 from jaxdiff_info.training.step import TrainState
 
@@ -273,6 +273,10 @@ def _check_directory(directory: Path, config: TrainConfig) -> tuple[RunInfo | No
         theirs = f"model {info.config_name!r}{' (other fields)' if same_name else ''} on {info.dataset}"
         raise ValueError(f"{directory} holds a run of {theirs}, not model {config.model!r} on {config.dataset}; "
                          f"choose another --checkpoint-dir (nothing was written)")
+    if latest is None and _checkpointed(directory, info):
+        raise ValueError(f"{directory} holds a run that saved checkpoints (its {METRICS_FILE} or sample grids say so), "
+                         f"but none is left: choose another --checkpoint-dir, or remove {directory} to train from "
+                         f"step 0 there")
     if latest is not None:
         ours = config.settings()
         changed = [f"{name} {info.training.get(name)!r} (now {ours[name]!r})" for name in TRAJECTORY_FIELDS
@@ -285,3 +289,21 @@ def _check_directory(directory: Path, config: TrainConfig) -> tuple[RunInfo | No
                              f"larger number of steps to train further")
     return info, latest
 
+
+def _checkpointed(directory: Path, info: RunInfo) -> bool:
+    """Whether the run of `directory` wrote a checkpoint: a sample grid (one per checkpoint), or
+    a metrics line at or past its first save (save_every, or its last step)."""
+    if any((directory / SAMPLES_DIR).glob("step_*.png")):
+        return True
+    first_save = min(info.training.get("save_every") or 0, info.training.get("steps") or 0)
+    try:
+        lines = (directory / METRICS_FILE).read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        try:
+            if first_save and json.loads(line)["step"] >= first_save:
+                return True
+        except (ValueError, KeyError, TypeError):
+            continue
+    return False

@@ -6,8 +6,9 @@ at step 0), then writes, next to the checkpoints, ``metrics.jsonl`` (one line pe
 class, at every checkpoint).
 
 Stopping. On SIGINT (Ctrl-C) or SIGTERM, ``train`` finishes the call in flight, saves a
-checkpoint (without a sample grid) and raises ``TrainingInterrupted``; the CLI then exits with
-status 130 or 143 (128 + the signal's number). A second signal acts as usual.
+checkpoint (without a sample grid) and raises ``TrainingInterrupted``; the progress bar says so
+meanwhile, and the CLI then prints one line and exits with status 130 or 143 (128 + the
+signal's number). A second signal acts as usual.
 """
 
 from __future__ import annotations
@@ -42,11 +43,14 @@ class TrainingInterrupted(Exception):
 
 
 class _StopOnSignal:
-    """Remembers a SIGINT or SIGTERM instead of dying; a second one acts as usual."""
+    """Remembers a SIGINT or SIGTERM instead of dying; a second one acts as usual. On the first,
+    `notify(message)` says that the run is stopping (the progress bar's status; on a terminal
+    without one, a line that the CLI's last line then replaces)."""
 
-    def __init__(self):
+    def __init__(self, notify=None):
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._notify = notify
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -57,8 +61,8 @@ class _StopOnSignal:
     def _handle(self, signum, frame):
         self.signum = signum
         self._restore()
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: finishing the current step and saving a checkpoint "
-                         f"(send it again to abort at once)\n")
+        if self._notify is not None:
+            self._notify(f"{signal.Signals(signum).name}: finishing the step, saving a checkpoint (again: abort)")
 
     def _restore(self):
         for s, handler in self._previous.items():
@@ -91,7 +95,8 @@ def _append_metrics(path: Path, record: dict) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics lines after ``step`` (from a run killed after its last checkpoint)."""
+    """Drop metrics lines after ``step``, the checkpoint a run starts from (lines of a run killed
+    after its last checkpoint, or before its first: step 0)."""
     from jaxdiff_info import results
 
     if not path.exists():
@@ -171,12 +176,15 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainState:
     else:
         state = init_state(net, config, mesh)
     # Only now, with every check passed and the state in hand, is anything written.
-    if primary:
-        directory.mkdir(parents=True, exist_ok=True)
-        results.write_json(directory / CONFIG_FILE, _run_json(config, dataset))
-        if latest is not None:
-            _truncate_metrics(directory / METRICS_FILE, latest)
-    manager = _manager(directory, config.keep, create=True)
+    try:
+        if primary:
+            directory.mkdir(parents=True, exist_ok=True)
+            results.write_json(directory / CONFIG_FILE, _run_json(config, dataset))
+            _truncate_metrics(directory / METRICS_FILE, latest or 0)
+        manager = _manager(directory, config.keep, create=True)
+    except OSError as e:
+        raise ValueError(f"cannot write checkpoints to {directory}: {e.strerror or e}; choose another "
+                         f"--checkpoint-dir") from None
 
     batches = Batches(dataset, config.batch_size, config.seed, mesh)
     S = config.steps_per_call
@@ -219,8 +227,15 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainState:
         if samples and config.samples_per_class:
             _write_samples(config, state, dataset.class_names, directory, primary)
 
+    def notify(message: str) -> None:
+        if not bar.disable:
+            bar.set_description(f"{bar.desc}; {message}")
+        elif primary and sys.stderr.isatty():
+            sys.stderr.write(f"\r{message}")  # the CLI's last line goes over it
+            sys.stderr.flush()
+
     try:
-        with _StopOnSignal() as stop:
+        with _StopOnSignal(notify) as stop:
             while step < config.steps:
                 n = min(S - step % S, config.steps - step, config.save_every - step % config.save_every)
                 batch = batches(step, n) if S > 1 else batches.one(step)
