@@ -51,7 +51,6 @@ on NVIDIA GPUs from Ampere on means TF32 tensor-core products (recorded in the J
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import importlib.metadata
@@ -73,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.tracking import FAST_IMPL, Case, build_jax_loop, provenance
+from experiments.cli import Parser
 from jaxdiff_info import estimators, training, unet
 from jaxdiff_info.analysis import IMAGE_SAMPLER
 from jaxdiff_info.decisions import class_label, membership
@@ -502,11 +502,15 @@ def table(r: dict[str, Any]) -> str:
 PARTS = ("train", "analyze", "mixture")
 
 
+PROG = "python -m benchmarks.gpu"
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None,
                    help=f"the JSON results file (default: {DEFAULT_OUT.relative_to(REPO)} for the full run, "
                         "none for --smoke)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--smoke", action="store_true", help="toy sizes, any device: checks the code paths in < 1 min")
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of: " + ", ".join(PARTS))
     p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default: 5; smoke 2)")
@@ -519,6 +523,11 @@ def parse_args(argv=None):
         p.error("--repeats must be >= 1")
     if a.out is None and not a.smoke:
         a.out = DEFAULT_OUT
+    if a.out is not None and a.out.is_dir():
+        p.error(f"--out {a.out} is a folder; give the path of the JSON file to write")
+    if a.out is not None and a.out.exists() and not a.overwrite:
+        p.error(f"--out {a.out} already exists (an earlier run's results); pass --overwrite to replace it or "
+                f"choose another --out")
     return a
 
 
@@ -526,7 +535,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = jax.devices()[0]
     if device.platform == "cpu" and not args.smoke:
-        print("benchmarks.gpu: no accelerator found (jax's device is the CPU); the full run is sized for one GPU "
+        print(f"{PROG}: error: no accelerator found (jax's device is the CPU); the full run is sized for one GPU "
               "and would take hours here: use --smoke for the CPU smoke run", file=sys.stderr)
         return 2
     sizes = SMOKE if args.smoke else FULL
@@ -569,6 +578,11 @@ def main(argv=None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             write_json(args.out, r)
 
+    try:
+        save()  # an --out that cannot be written is found before the run
+    except OSError as e:
+        print(f"{PROG}: error: cannot write {args.out}: {e.strerror or e}; choose another --out", file=sys.stderr)
+        return 2
     budget = math.inf if args.smoke else BUDGET_S
     guard = Guard(save, lambda: budget - (time.perf_counter() - start))
     for part in args.parts:
@@ -586,7 +600,12 @@ def main(argv=None) -> int:
             r[part] = {"error": one_line(e)}
         r[part]["wall_s"] = time.perf_counter() - part_start
     r["complete"] = True
-    save()
+    try:
+        save()
+    except OSError as e:
+        print(f"{PROG}: error: cannot write {args.out}: {e.strerror or e}; the figures are below", file=sys.stderr)
+        print(table(r))
+        return 2
     print(table(r))
     if args.out is not None:
         print(f"(written to {args.out})")
@@ -597,6 +616,6 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except KeyboardInterrupt:
-        print("benchmarks.gpu: interrupted; the results file (if any) holds the variants measured so far, "
+        print(f"{PROG}: interrupted; the results file (if any) holds the variants measured so far, "
               "with complete = false", file=sys.stderr)
         sys.exit(130)

@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import time
 from unittest import mock
 
 import jax
@@ -181,9 +182,34 @@ def test_full_run_refused_without_accelerator(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_bad_parts():
-    with pytest.raises(SystemExit):
-        gpu.parse_args(["--smoke", "--parts", "train,sampling"])
+@pytest.mark.parametrize("args, message", [
+    (["--parts", "train,sampling"], "--parts: unknown sampling"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+])
+def test_bad_flags_are_one_line_exit_2(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        gpu.parse_args(["--smoke", *args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == f"{gpu.PROG}: error: {message}" + err.split(message, 1)[1], err
+    assert "\n" not in err and "usage" not in err
+
+
+def test_an_out_that_exists_is_a_folder_or_cannot_be_written_is_refused_before_the_run(tmp_path, capsys):
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text("{}")
+    for args, message in (([str(earlier)], "already exists (an earlier run's results); pass --overwrite"),
+                          ([str(tmp_path)], "is a folder; give the path of the JSON file")):
+        with pytest.raises(SystemExit) as e:
+            gpu.parse_args(["--smoke", "--out", *args])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and message in err and "\n" not in err, err
+    assert earlier.read_text() == "{}"
+    (tmp_path / "a_file").write_text("x")
+    start = time.perf_counter()
+    assert gpu.main(["--smoke", "--parts", "mixture", "--out", str(tmp_path / "a_file" / "r.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{gpu.PROG}: error: cannot write {tmp_path / 'a_file' / 'r.json'}: ") and "\n" not in err
+    assert time.perf_counter() - start < 5  # before anything is measured
 
 
 def test_complete_and_float32_said_to_be_tf32_on_gpus(smoke):
