@@ -67,9 +67,11 @@ class Config:
 def load_spec(path: str | Path) -> dict:
     """Read a mixture spec JSON file; errors name the file and what is wrong."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ValueError(f"cannot read spec {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"spec {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 JSON") from None
     try:
         spec = json.loads(text)
     except json.JSONDecodeError as e:

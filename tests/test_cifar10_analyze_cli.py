@@ -149,6 +149,9 @@ def test_bad_immse_settings(checkpoint, tmp_path, capsys, extra, message):
 def test_missing_checkpoint(tmp_path, capsys):
     code, err = _run_expect_2(["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")] + ARGS, capsys)
     assert code == 2 and "does not exist" in err and "\n" not in err
+    (tmp_path / "a_file").write_text("x")
+    code, err = _run_expect_2(["--checkpoint", str(tmp_path / "a_file"), "--out", str(tmp_path / "o")] + ARGS, capsys)
+    assert code == 2 and "a_file is a file, not a training directory" in err and "\n" not in err
 
 
 def test_checkpoint_of_another_config(checkpoint, tmp_path, capsys):

@@ -171,6 +171,14 @@ def test_malformed_json(tmp_path, capsys):
     assert exc.value.code == 2 and "not valid JSON" in capsys.readouterr().err
 
 
+def test_a_spec_that_is_not_utf8_names_the_file(tmp_path, capsys):
+    (tmp_path / "spec.json").write_bytes(b'\xff\xfe{"means": [0, 1]}')  # UTF-16's byte order mark
+    with pytest.raises(SystemExit) as exc:
+        gmm.main(FAST + ["--spec", str(tmp_path / "spec.json"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and f"spec {tmp_path / 'spec.json'} is not UTF-8 text (byte 0)" in err, err
+
+
 def test_runs_as_a_module(tmp_path):
     """The README's entry point, in a fresh interpreter: exit status 2 and one line on bad input."""
     r = subprocess.run([sys.executable, "-m", "experiments.gmm", "--steps", "1", "--out", str(tmp_path)],

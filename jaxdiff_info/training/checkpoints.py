@@ -208,6 +208,9 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike, *, step: int | None = Non
     import orbax.checkpoint as ocp
 
     directory = Path(checkpoint_dir)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is a file, not a training directory; pass the --checkpoint-dir used for "
+                         f"training (a folder with config.json)")
     if not directory.is_dir():
         raise ValueError(f"checkpoint directory {directory} does not exist; train a model first "
                          f"(python -m experiments.cifar10 train --checkpoint-dir {directory})")
