@@ -273,3 +273,19 @@ def test_unconditional_generation_with_guidance_is_refused(checkpoint, tmp_path,
     err = capsys.readouterr().err.strip()
     assert status == 2 and "\n" not in err and "unconditional generation with guidance" in err
     assert not out.exists()
+
+
+def test_the_immse_line_says_why_h_falls_below_0(capsys):
+    """A network's I-MMSE below 0 bits is its denoisers' inconsistency; an exact reference's is
+    Monte Carlo noise."""
+    from experiments.cifar10.outputs import print_immse
+
+    row = {"half_time_difference_ci95": [-0.02, 0.0], "immse_entropy_below_zero_until_time": 0.12,
+           "max_abs_entropy_difference_bits": 0.19, "max_abs_entropy_difference_time": 0.12,
+           "half_time_difference": -0.009}
+    entry = {"estimator": "immse", "class_label": row}
+    print_immse({"immse": {"immse": entry}})
+    print_immse({"reference": "gaussian", "immse": {"immse": entry}})
+    network, reference = capsys.readouterr().out.strip().splitlines()
+    assert network.endswith("I-MMSE H < 0 (inconsistent denoisers) below t/T 0.12"), network
+    assert reference.endswith("I-MMSE H < 0 (Monte Carlo noise: exact denoisers) below t/T 0.12"), reference

@@ -37,10 +37,11 @@ def print_immse(summary: dict) -> None:
         row = entry["class_label"]
         lo, hi = row["half_time_difference_ci95"]
         below = row.get("immse_entropy_below_zero_until_time")
+        why = "Monte Carlo noise: exact denoisers" if "reference" in summary else "inconsistent denoisers"
         print(f"  online vs {entry['estimator']:<11s} max |dH| {row['max_abs_entropy_difference_bits']:.3f} bits at "
               f"t/T {row['max_abs_entropy_difference_time']:.2f}; half time {row['half_time_difference']:+.3f} "
               f"(95% CI {lo:+.3f} to {hi:+.3f})"
-              + (f"; I-MMSE H < 0 (inconsistent denoisers) below t/T {below:.2f}" if below is not None else ""))
+              + (f"; I-MMSE H < 0 ({why}) below t/T {below:.2f}" if below is not None else ""))
 
 def write_outputs(out: Path, result, settings: dict, extra: dict | None = None) -> dict:
     """summary.json, curves.npz and the figures of one analysis (`jaxdiff_info.analysis.Analysis`);
