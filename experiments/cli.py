@@ -63,6 +63,17 @@ def folder(text: str) -> Path:
     return Path(text)
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def finite_nonnegative(text: str) -> float:
     """argparse type of a scale or weight: a finite number >= 0."""
     try:

@@ -353,7 +353,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     p.add_argument("--variance", choices=["small", "large"], default=Config.variance,
                    help="reverse-step variance: small = beta~_t (exact for point data), large = beta_t")
     p.add_argument("--seed", type=int, default=Config.seed, help="seed of every random draw")
-    p.add_argument("--bandwidth", type=float, default=Config.bandwidth,
+    p.add_argument("--bandwidth", type=cli.finite_nonnegative, default=Config.bandwidth,
                    help="smoothing of the Monte Carlo entropy rates, in normalised time (0 = none)")
     p.add_argument("--bootstrap", type=cli.resamples, default=Config.num_resamples, help="bootstrap resamples")
     p.add_argument("--save-every", type=int, default=0, metavar="N",

@@ -127,6 +127,8 @@ def _run_expect_2(args, capsys):
     (["--guidance", "nan"], "finite number >= 0"),
     (["--guidance", "-1"], "finite number >= 0"),
     (["--bootstrap", "1"], "must be from 2"),
+    (["--batch-size", "0"], "argument --batch-size: must be >= 1"),
+    (["--bandwidth", "-1"], "argument --bandwidth: must be a finite number >= 0"),
 ])
 def test_bad_settings(checkpoint, tmp_path, capsys, extra, message):
     """(with --no-immse: I-MMSE's own settings are in test_bad_immse_settings)"""

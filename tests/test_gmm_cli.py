@@ -155,6 +155,7 @@ def test_bad_spec_is_one_line_and_exit_2(tmp_path, capsys, spec, message):
     (["--schedule", "quadratic"], "invalid choice"),
     (["--num-samples", "many"], "invalid int value"),
     (["--save-every", "-1"], "--save-every must be >= 0"),
+    (["--bandwidth", "inf"], "argument --bandwidth: must be a finite number >= 0"),
 ])
 def test_bad_flags(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exc:

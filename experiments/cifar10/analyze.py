@@ -108,7 +108,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="generate from each class (per-class profiles) or from the null class")
     p.add_argument("--guidance", type=cli.finite_nonnegative, default=AnalyzeConfig.guidance,
                    help="classifier-free guidance weight w >= 0 (0: none)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=cli.positive_int, default=None,
                    help="trajectories per network call (each call evaluates all K classes) (default: all at once)")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of their EMA")
     p.add_argument("--bf16", action="store_true",
@@ -116,7 +116,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "output stay float32; faster on GPUs and TPUs) (default: float32)")
     p.add_argument("--checkpoint-step", type=int, default=None, help="which saved step (default: the latest)")
     p.add_argument("--seed", type=int, default=AnalyzeConfig.seed, help="seed of the noise and the bootstrap")
-    p.add_argument("--bandwidth", type=float, default=AnalyzeConfig.bandwidth,
+    p.add_argument("--bandwidth", type=cli.finite_nonnegative, default=AnalyzeConfig.bandwidth,
                    help="smoothing of the entropy rates in normalised time")
     p.add_argument("--bootstrap", type=cli.resamples, default=AnalyzeConfig.num_resamples, help="bootstrap resamples")
     p.add_argument("--no-immse", action="store_true",
