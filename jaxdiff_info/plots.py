@@ -292,7 +292,7 @@ def reference_overlay_figure(label: Mapping[str, Curves], classes: Mapping[str, 
     axes[0].set_ylabel("H(Y | X_t)  [bits]", fontsize=8)
     for ax in axes[-4:]:
         ax.set_xlabel("t/T  (generation: 1 -> 0)", fontsize=7)
-    heading = _suptitle(fig, title)
+    heading = _suptitle(fig, title, "online classifier, " + posterior_line(label))
     handles, labels = axes[0].get_legend_handles_labels()
     note = "shaded: 95% bootstrap bands; dotted: peak of the rate"
     _legend_below(fig, handles, labels, ncol=min(len(labels), 2), title=heading, legend_title=note)

@@ -121,6 +121,8 @@ def test_overlay_figure_names_every_model_and_marks_peaks():
         f"trajectories of class {n}" for n in "abc"]
     peaks = [line.get_xdata()[0] for line in panels[1].lines if line.get_linestyle() == ":"]
     np.testing.assert_allclose(peaks, [per_class[n].peak_time[0] for n in models])
+    title = fig.get_suptitle().replace("\n", " ")
+    assert f"posterior: network, gaussian, empirical: {models['network'].posterior}" in " ".join(title.split()), title
     plots.plt.close(fig)
 
 
