@@ -105,19 +105,20 @@ def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
 
 
 def _coordinator_answer(host: str, port: int, timeout: float) -> str | None:
-    """None when host:port answers as a gRPC server (JAX's coordination service is one): a
-    read-only call, CoordinationService/GetTaskState for no task, answered with HTTP/2 status
-    200. Otherwise what it did instead, for the error (JAX itself would abort the process with a
-    C++ check failure). Only definite refusals count: an answer this probe cannot read is None."""
-    def literal(name_index: int, value: str) -> bytes:  # HPACK literal, indexed name, no Huffman code
-        return bytes([name_index, len(value)]) + value.encode()
-
-    headers = (b"\x83\x86"  # :method POST, :scheme http
-               + literal(4, "/xla.coordination.CoordinationService/GetTaskState") + literal(1, "coordinator")
-               + literal(31, "application/grpc") + b"\x00\x02te\x08trailers")
+    """None when host:port answers as a gRPC server (JAX's coordination service is one). The
+    probe calls a method the coordination service does not have (`PROBE_PATH`): any gRPC server
+    answers it with HTTP/2 status 200 (grpc-status 12, UNIMPLEMENTED), and nothing changes on
+    the server. Otherwise what the address did instead, for the error (JAX itself would abort
+    the process with a C++ check failure). Only definite refusals count: an answer this probe
+    cannot read is None. The whole exchange has `timeout` seconds."""
+    headers = (b"\x83\x86"  # :method POST, :scheme http (indexed)
+               + bytes([0x04, len(PROBE_PATH)]) + PROBE_PATH  # :path, a literal with an indexed name
+               + b"\x01\x0bcoordinator"  # :authority
+               + b"\x00\x0ccontent-type\x10application/grpc" + b"\x00\x02te\x08trailers")  # new names
     request = (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0, b"")  # preface, SETTINGS
                + _frame(1, 4, 1, headers) + _frame(0, 1, 1, bytes(5)))  # HEADERS, an empty gRPC message
-    received = b""
+    deadline = time.monotonic() + timeout
+    received, frames = b"", 0
     try:
         with socket.create_connection((host, port), timeout=timeout) as s:
             s.sendall(request)
@@ -126,13 +127,21 @@ def _coordinator_answer(host: str, port: int, timeout: float) -> str | None:
                     if received.startswith(b"HTTP/") and b"\r\n" in received:
                         line = received.split(b"\r\n")[0].decode("latin-1")
                         return f"answered {line!r}, not HTTP/2"
+                    if len(received) >= 9 and frames == 0 and received[3] != 4:
+                        return "answered, but not with HTTP/2 (no SETTINGS frame first)"
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise socket.timeout
+                    s.settimeout(left)
                     chunk = s.recv(65536)
                     if not chunk:
                         return "closed the connection without answering a gRPC call"
                     received += chunk
                 size, kind, flags = int.from_bytes(received[:3], "big"), received[3], received[4]
                 stream, payload = int.from_bytes(received[5:9], "big") & 0x7FFFFFFF, received[9:9 + size]
-                received = received[9 + size:]
+                received, frames = received[9 + size:], frames + 1
+                if frames == 1 and (kind != 4 or stream != 0):
+                    return "answered, but not with HTTP/2 (no SETTINGS frame first)"
                 if kind == 4 and not flags & 1:
                     s.sendall(_frame(4, 1, 0, b""))  # SETTINGS acknowledged
                 elif kind == 7 and payload[4:8] != bytes(4):
@@ -140,19 +149,27 @@ def _coordinator_answer(host: str, port: int, timeout: float) -> str | None:
                 elif kind == 3 and stream == 1:
                     return "reset the gRPC call (HTTP/2 RST_STREAM)"
                 elif kind == 1 and stream == 1:
-                    return _http2_status(payload[5:] if flags & 0x20 else payload)
+                    if flags & 0x8:  # PADDED: a pad length, then padding at the end
+                        pad = payload[0] if payload else 0
+                        payload = payload[1:len(payload) - pad]
+                    return _http2_status(payload[5:] if flags & 0x20 else payload)  # PRIORITY: 5 bytes
     except socket.timeout:
         return f"did not answer a gRPC call within {timeout:g} s"
     except OSError as e:
         return f"ended the connection ({e.strerror or e})"
 
 
+PROBE_PATH = b"/xla.coordination.CoordinationService/JaxdiffInfoProbe"
+
+
 def _http2_status(block: bytes) -> str | None:
     """None for :status 200 as the first field of an HPACK header block (or a block this cannot
-    read: Huffman-coded strings, long integers); otherwise the status it answered."""
+    read: Huffman-coded strings, multi-byte integers); otherwise the status it answered."""
     static = {8: "200", 9: "204", 10: "206", 11: "304", 12: "400", 13: "404", 14: "500"}  # RFC 7541, :status
     i = 0
     while i < len(block) and block[i] & 0xE0 == 0x20:  # dynamic table size updates
+        if block[i] & 0x1F == 0x1F:  # a size that continues in more bytes: not read here
+            return None
         i += 1
     if i >= len(block):
         return None
@@ -161,6 +178,8 @@ def _http2_status(block: bytes) -> str | None:
         status = static.get(first & 0x7F)
         return None if status in (None, "200") else f"answered HTTP status {status}"
     index = first & (0x3F if first & 0x40 else 0x0F)  # a literal: the name's index, or 0 and the name
+    if index == (0x3F if first & 0x40 else 0x0F):  # an index that continues in more bytes
+        return None
     i += 1
 
     def string() -> bytes | None:

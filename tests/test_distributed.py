@@ -141,6 +141,9 @@ def http2_404(connection):
     (lambda c: None, "closed the connection without answering a gRPC call"),
     (http2_404, "answered HTTP status 404"),
     (lambda c: time.sleep(3), "did not answer a gRPC call within 1 s"),
+    (lambda c: [(c.sendall(distributed._frame(4, 0, 0, b"") if i == 0 else distributed._frame(6, 0, 0, bytes(8))),
+                 time.sleep(0.2)) for i in range(20)], "did not answer a gRPC call within 1 s"),  # PINGs, no answer
+    (lambda c: c.sendall(distributed._frame(1, 4, 1, b"\x88")), "answered, but not with HTTP/2 (no SETTINGS frame first)"),
 ])
 def test_an_address_where_something_else_listens_is_one_line(reply, answer):
     """JAX itself aborts the process there (a C++ check failure, exit 134)."""
@@ -153,10 +156,26 @@ def test_an_address_where_something_else_listens_is_one_line(reply, answer):
     assert "\n" not in str(err.value)
 
 
+def test_a_real_coordinator_passes_the_probe():
+    """JAX's own coordination service (the one process 0 starts) answers the probe's call of a
+    method it lacks with HTTP/2 status 200: not refused, at once."""
+    from jax._src.lib import _jax
+
+    port = free_port()
+    service = _jax.get_distributed_runtime_service(f"127.0.0.1:{port}", 2)
+    try:
+        start = time.monotonic()
+        assert distributed._coordinator_answer("127.0.0.1", port, timeout=5) is None
+        assert time.monotonic() - start < 2
+    finally:
+        service.shutdown()
+
+
 @pytest.mark.parametrize("block, answer", [
     (b"\x88", None), (b"\x8d", "answered HTTP status 404"), (b"\x3f\xe1\x1f\x88", None),
     (b"\x00\x07:status\x03200", None), (b"\x40\x07:status\x03503", "answered HTTP status 503"),
     (b"\x08\x03404", "answered HTTP status 404"), (b"\x48\x83\x64\x01\x00", None),  # Huffman: not read
+    (b"\x3f\x8c\x01\x88", None),  # a dynamic table size of several bytes, then 200
     (b"\x00\x0ccontent-type\x03abc", None), (b"", None),
 ])
 def test_the_probe_reads_the_status_of_an_answer(block, answer):
