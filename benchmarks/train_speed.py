@@ -159,6 +159,20 @@ def library_dropout(rate: float):
     return Dropout(rate)
 
 
+def library_group_norm(channels: int, groups: int):
+    """The U-Net's GroupNorm as the training step runs it (jaxdiff_info.layers.GroupNorm with
+    fast_backward), or None where it does not exist."""
+    try:
+        from jaxdiff_info.layers import GroupNorm
+    except ImportError:
+        return None
+    from flax import nnx
+
+    layer = GroupNorm(channels, num_groups=groups, epsilon=1e-6, rngs=nnx.Rngs(0))
+    layer.fast_backward = True
+    return layer
+
+
 def library_step_api():
     """jaxdiff_info.training when it provides the pieces used here, else (None, reason)."""
     import importlib.util
@@ -415,11 +429,60 @@ OPS_SHAPES = {  # (batch, size, channels, groups) of the layers of each case
 }
 
 
+def update_case(config_name: str):
+    """(name, JAX run, PyTorch run): the parameter update of a training step alone, the
+    gradients given: global-norm clipping, Adam and the EMA, over every parameter of the
+    config. JAX: the library's optimiser (`training.make_optimizer`) and the EMA of its step,
+    jitted with the state donated as the step donates it; PyTorch: `torch_worker`'s update."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import torch
+
+    from benchmarks import torch_unet
+    from jaxdiff_info import training, unet
+
+    config = unet.get_config(config_name)
+    tx = training.make_optimizer(LEARNING_RATE, 0, CLIP_NORM)
+    params = unet.init_params(config, jax.random.key(0))
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+    decay = ema_decay(config_name)
+
+    def update(params, ema, opt_state, grads):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params), opt_state
+
+    state = [params, jax.tree.map(jnp.copy, params), tx.init(params)]
+    compiled = jax.jit(update, donate_argnums=(0, 1, 2)).lower(*state, grads).compile()
+
+    def run_jax():
+        state[:] = compiled(*state, grads)
+        jax.block_until_ready(state)
+
+    model = torch_unet.build(config_name, config)
+    tparams = list(model.parameters())
+    for p in tparams:
+        p.grad = torch.full_like(p, 1e-3)
+    tema = [p.detach().clone() for p in tparams]
+    optimizer = torch.optim.Adam(tparams, lr=LEARNING_RATE)
+
+    def run_torch():
+        torch.nn.utils.clip_grad_norm_(tparams, CLIP_NORM)
+        optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(tema, tparams, 1.0 - decay)
+
+    n = sum(p.size for p in jax.tree.leaves(params))
+    return f"update: clip+Adam+EMA, {n / 1e6:.1f}M params", run_jax, run_torch
+
+
 def ops_worker(args) -> None:
     """The layers of the U-Net alone, JAX (the library's layers, NHWC) against PyTorch (NCHW),
-    both in this process (torch with 2 threads, OMP_WAIT_POLICY=PASSIVE), interleaved,
-    median of --reps x (runs of ~0.3 s). Forward, and forward+backward: the gradient of the
-    sum of squares of the output with respect to every input and parameter."""
+    and the parameter update of a step (`update_case`), both in this process (torch with 2
+    threads, OMP_WAIT_POLICY=PASSIVE), interleaved, median of --reps x (runs of ~0.3 s).
+    Forward, and forward+backward: the gradient of the sum of squares of the output with
+    respect to every input and parameter."""
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     original_flags = os.environ.get("XLA_FLAGS")
     import jaxdiff_info  # noqa: F401
@@ -492,6 +555,13 @@ def ops_worker(args) -> None:
         def gn_j(x, state):
             return nnx.swish(nnx.merge(gdef, state)(x))
 
+        gn_lib = library_group_norm(C, G)
+        if gn_lib is not None:
+            ldef, lstate = nnx.split(gn_lib)
+
+            def gn_lib_j(x, state):
+                return nnx.swish(nnx.merge(ldef, state)(x))
+
         gscale, gbias = torch.ones(C), torch.zeros(C)
 
         def gn_t(x, s, b):
@@ -512,6 +582,9 @@ def ops_worker(args) -> None:
                           torch_fn(conv_t, xt.clone(), wt.clone(), grad=grad)))
             cases.append((f"GroupNorm+swish {tag} {mode}", jax_fn(gn_j, xj, gstate, grad=grad),
                           torch_fn(gn_t, xt.clone(), gscale.clone(), gbias.clone(), grad=grad)))
+            if gn_lib is not None:
+                cases.append((f"GroupNorm+swish {tag} {mode} (library)", jax_fn(gn_lib_j, xj, lstate, grad=grad),
+                              torch_fn(gn_t, xt.clone(), gscale.clone(), gbias.clone(), grad=grad)))
         cases.append((f"dropout 0.1 {tag} fwd (flax, 32-bit mask)",
                       lambda f=jax.jit(drop_j), a=xj: jax.block_until_ready(f(a, key)),
                       lambda a=xt: F.dropout(a, 0.1, training=True)))
@@ -519,16 +592,17 @@ def ops_worker(args) -> None:
             cases.append((f"dropout 0.1 {tag} fwd (library, 16-bit)",
                           lambda f=jax.jit(drop_lib_j), a=xj: jax.block_until_ready(f(a, key)),
                           lambda a=xt: F.dropout(a, 0.1, training=True)))
+    cases.append(update_case(args.config.split(":")[0]))
     times = {name: ([], []) for name, _, _ in cases}
     for _ in range(args.reps or 5):
         for name, fj, ft in cases:
             times[name][0].append(timeit(fj))
             times[name][1].append(timeit(ft))
     flags = os.environ.get("XLA_FLAGS") or "XLA defaults"
-    say(f"  {'layer':<44} {'JAX ms':>8} {'torch ms':>9} {'torch/JAX':>9}   (XLA_FLAGS: {flags})")
+    say(f"  {'layer':<50} {'JAX ms':>8} {'torch ms':>9} {'torch/JAX':>9}   (XLA_FLAGS: {flags})")
     for name, (tj, tt) in times.items():
         mj, mt = statistics.median(tj), statistics.median(tt)
-        say(f"  {name:<44} {mj * 1e3:8.2f} {mt * 1e3:9.2f} {mt / mj:8.2f}x")
+        say(f"  {name:<50} {mj * 1e3:8.2f} {mt * 1e3:9.2f} {mt / mj:8.2f}x")
 
 
 # --- orchestration -----------------------------------------------------------------------
