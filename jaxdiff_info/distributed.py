@@ -104,6 +104,9 @@ def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
     return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
 
 
+PROBE_PATH = b"/xla.coordination.CoordinationService/JaxdiffInfoProbe"  # a method it does not have
+
+
 def _coordinator_answer(host: str, port: int, timeout: float) -> str | None:
     """None when host:port answers as a gRPC server (JAX's coordination service is one). The
     probe calls a method the coordination service does not have (`PROBE_PATH`): any gRPC server
@@ -127,7 +130,7 @@ def _coordinator_answer(host: str, port: int, timeout: float) -> str | None:
                     if received.startswith(b"HTTP/") and b"\r\n" in received:
                         line = received.split(b"\r\n")[0].decode("latin-1")
                         return f"answered {line!r}, not HTTP/2"
-                    if len(received) >= 9 and frames == 0 and received[3] != 4:
+                    if len(received) >= 9 and frames == 0 and received[3] != 4:  # before a bogus length
                         return "answered, but not with HTTP/2 (no SETTINGS frame first)"
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -140,7 +143,7 @@ def _coordinator_answer(host: str, port: int, timeout: float) -> str | None:
                 size, kind, flags = int.from_bytes(received[:3], "big"), received[3], received[4]
                 stream, payload = int.from_bytes(received[5:9], "big") & 0x7FFFFFFF, received[9:9 + size]
                 received, frames = received[9 + size:], frames + 1
-                if frames == 1 and (kind != 4 or stream != 0):
+                if frames == 1 and (kind != 4 or stream != 0):  # a first frame that arrived whole
                     return "answered, but not with HTTP/2 (no SETTINGS frame first)"
                 if kind == 4 and not flags & 1:
                     s.sendall(_frame(4, 1, 0, b""))  # SETTINGS acknowledged
@@ -157,9 +160,6 @@ def _coordinator_answer(host: str, port: int, timeout: float) -> str | None:
         return f"did not answer a gRPC call within {timeout:g} s"
     except OSError as e:
         return f"ended the connection ({e.strerror or e})"
-
-
-PROBE_PATH = b"/xla.coordination.CoordinationService/JaxdiffInfoProbe"
 
 
 def _http2_status(block: bytes) -> str | None:
